@@ -1,0 +1,182 @@
+"""Reading ``.safetensors`` checkpoints: validation, key prefixes, and loading weights into modules.
+
+Weights are memory-mapped by safetensors and converted once, straight into their storage dtype, so a
+checkpoint never exists twice in memory. Pickle-based formats are refused: they can run code on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from . import ops
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+
+
+class CheckpointError(ValueError):
+    """A file is not the checkpoint that was expected; the message names the file and what was expected."""
+
+
+@dataclass(frozen=True)
+class DTypePolicy:
+    """Where weights are kept (``storage``) and what arithmetic runs in (``compute``).
+
+    fp8 e4m3fn storage keeps only the large matrices of linear layers in fp8; norms, biases, embeddings
+    and convolutions stay in the compute dtype, where their size does not matter and precision does.
+    """
+
+    storage: torch.dtype = torch.float32
+    compute: torch.dtype = torch.float32
+
+    @classmethod
+    def named(cls, name: str, device: torch.device | str = "cpu") -> DTypePolicy:
+        """Policy for a user-facing name: ``default``, ``fp32``, ``fp16``, ``bf16`` or ``fp8_e4m3fn``."""
+        name = name.lower()
+        dev = torch.device(device)
+        if name == "default":
+            # Half precision is what the models were trained for; CPUs run bf16 but not fp16 well.
+            name = "bf16" if dev.type != "cpu" else "fp32"
+        table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+        if name in table:
+            return cls(table[name], table[name])
+        if name in ("fp8_e4m3fn", "fp8"):
+            return cls(torch.float8_e4m3fn, torch.bfloat16)
+        raise ValueError(f"weight dtype: expected one of default, fp32, fp16, bf16, fp8_e4m3fn; got {name!r}")
+
+
+class SafetensorsFile:
+    """A validated, memory-mapped ``.safetensors`` file: key shapes without reading data, tensors on demand."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self.name = os.path.basename(self.path)
+        self._header, self.metadata = _read_header(self.path)
+        self._handle = safe_open(self.path, framework="pt", device="cpu")
+
+    def keys(self) -> list[str]:
+        return list(self._header)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._header
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._header[key]["shape"])
+
+    def shapes(self, prefix: str = "") -> dict[str, tuple[int, ...]]:
+        """Shapes of every tensor under ``prefix``, keyed with the prefix removed."""
+        n = len(prefix)
+        return {k[n:]: tuple(v["shape"]) for k, v in self._header.items() if k.startswith(prefix)}
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return self._handle.get_tensor(key)
+
+    def error(self, expected: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: expected {expected}")
+
+
+def open_safetensors(path: str | os.PathLike) -> SafetensorsFile:
+    """Open and validate a checkpoint, refusing pickles, truncation and anything that is not safetensors."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+    if path.lower().endswith(PICKLE_SUFFIXES):
+        raise CheckpointError(
+            f"{path}: pickle checkpoints ({', '.join(PICKLE_SUFFIXES)}) can run arbitrary code and are not "
+            "loaded; expected a .safetensors file (convert it, or download the .safetensors release)"
+        )
+    return SafetensorsFile(path)
+
+
+def _read_header(path: str) -> tuple[dict, dict]:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: expected a .safetensors file; it is {size} bytes, too short")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, 100 * 2**20):
+            raise CheckpointError(f"{path}: expected a .safetensors file; its first bytes are not a safetensors header")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: expected a .safetensors file; its header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: expected a .safetensors file; its header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(
+            f"{path}: file is truncated ({size} bytes, the header describes {8 + n + end}); download it again"
+        )
+    return header, metadata
+
+
+def find_prefix(keys: Iterable[str], marker: str) -> str | None:
+    """The prefix under which ``marker`` (a key suffix that identifies a model part) appears, if any."""
+    best = None
+    for k in keys:
+        if k.endswith(marker):
+            prefix = k[: len(k) - len(marker)]
+            if best is None or len(prefix) < len(best):
+                best = prefix
+    return best
+
+
+def load_weights(
+    module: nn.Module,
+    file: SafetensorsFile,
+    prefix: str,
+    policy: DTypePolicy,
+    device: torch.device | str = "cpu",
+    key_map: Mapping[str, str] | None = None,
+    optional: Iterable[str] = (),
+) -> nn.Module:
+    """Fill ``module`` (built on the meta device or anywhere) with the tensors under ``prefix``.
+
+    ``key_map`` renames file keys (without prefix) to module keys. Module keys listed in ``optional`` may
+    be absent from the file and keep their constructed values (buffers such as constant position grids).
+    A missing or misshaped tensor is a :class:`CheckpointError` naming the file and the key.
+    """
+    key_map = dict(key_map or {})
+    fp8_keys = (
+        {f"{name}.weight" for name, m in module.named_modules() if isinstance(m, ops.Linear)}
+        if policy.storage == torch.float8_e4m3fn
+        else set()
+    )
+    expected = dict(module.state_dict(keep_vars=True))
+    file_keys = {key_map.get(k, k): prefix + k for k in file.shapes(prefix)}
+    state: dict[str, torch.Tensor] = {}
+    optional = set(optional)
+    for name, target in expected.items():
+        src = file_keys.get(name)
+        if src is None:
+            if name in optional:
+                continue
+            raise file.error(f"tensor '{prefix}{name}' for {type(module).__name__}; it is missing")
+        if file.shape(src) != tuple(target.shape):
+            raise file.error(
+                f"'{src}' of shape {tuple(target.shape)} for {type(module).__name__}; found {file.shape(src)}"
+            )
+        t = file.tensor(src)
+        if t.is_floating_point():
+            dtype = policy.storage if name in fp8_keys else policy.compute
+            if policy.storage != torch.float8_e4m3fn:
+                dtype = policy.storage
+            t = t.to(dtype=dtype)
+        state[name] = t.to(device)
+    for name in optional - state.keys():
+        t = expected[name]
+        if t.is_meta:
+            raise file.error(f"tensor '{prefix}{name}'; it is missing and has no default")
+        state[name] = t.detach().to(device=device, dtype=policy.compute if t.is_floating_point() else t.dtype)
+    module.load_state_dict(state, strict=True, assign=True)
+    return module.requires_grad_(False).eval()
