@@ -5,3 +5,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+import pytest  # noqa: E402
+
+TOKENIZERS = os.path.join(SHARED, "tokenizers")
+IMAGES = os.path.join(SHARED, "images")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """A tiny model set in the official layouts (ComfyUI folder names), written once per test session."""
+    from sd35_core.tiny import write_tiny_model_set
+
+    return write_tiny_model_set(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dirs():
+    """(clip_dir, t5_tokenizer_json) of the real tokenizer files shipped in ../shared."""
+    return os.path.join(TOKENIZERS, "clip"), os.path.join(TOKENIZERS, "t5", "tokenizer.json")
