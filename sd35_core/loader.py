@@ -161,8 +161,17 @@ def _load_t5(file: SafetensorsFile, prefix: str, policy: DTypePolicy, device) ->
     return _build(T5Encoder, config, file, prefix, policy, device, key_map=T5Encoder.key_map(shapes))
 
 
-def load_checkpoint(path: str | os.PathLike, dtype: str = "default", device: str | torch.device = "cpu") -> ModelParts:
-    """Load every part a checkpoint holds: diffusion model (required), VAE and text encoders when bundled."""
+def load_checkpoint(
+    path: str | os.PathLike,
+    dtype: str = "default",
+    device: str | torch.device = "cpu",
+    text_dtype: str | None = None,
+) -> ModelParts:
+    """Load every part a checkpoint holds: diffusion model (required), VAE and text encoders when bundled.
+
+    ``text_dtype`` is the bundled text encoders' dtype; by default fp32 on CPU and fp16 elsewhere (callers
+    that load on the CPU and move to a GPU later, as ComfyUI does, pass the dtype for the GPU).
+    """
     file = open_safetensors(path)
     policy = DTypePolicy.named(dtype, device)
     parts = detect_parts(file)
@@ -172,7 +181,8 @@ def load_checkpoint(path: str | os.PathLike, dtype: str = "default", device: str
     vae = _load_vae(file, parts["vae"], policy, device) if "vae" in parts else None
     text = None
     if "clip_l" in parts and "clip_g" in parts:
-        text_policy = DTypePolicy.named("fp32" if torch.device(device).type == "cpu" else "fp16", device)
+        text_dtype = text_dtype or ("fp32" if torch.device(device).type == "cpu" else "fp16")
+        text_policy = DTypePolicy.named(text_dtype, device)
         t5 = _load_t5(file, parts["t5xxl"], text_policy, device) if "t5xxl" in parts else None
         text = TextEncoders(
             _load_clip(file, parts["clip_l"], "clip_l", text_policy, device),

@@ -1,0 +1,154 @@
+"""ControlNet nodes: apply (attach to conditioning) and the control-image preprocessors."""
+
+from __future__ import annotations
+
+from ..sd35_core import preprocess
+from ..sd35_core.controlnet import CONTROL_TYPES
+from .conditioning import ControlSpec, attach_control
+from .latent_vae import NO_VAE
+from .objects import SD35VAE, SD35ControlNet, require, require_type
+
+NODE = "SD35 Apply ControlNet"
+CONTROL_TYPE_CHOICES = ["auto", *CONTROL_TYPES]
+DEPTH_INVERT = {"off": False, "on": True, "auto": "auto"}
+
+
+class SD35ControlNetApply:
+    """Attach a ControlNet and its control image to the positive and negative conditioning."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "positive": ("CONDITIONING", {"tooltip": "Positive conditioning to steer."}),
+                "negative": ("CONDITIONING", {"tooltip": "Negative conditioning (the reference applies the "
+                                                         "ControlNet to both halves of the CFG batch)."}),
+                "control_net": ("SD35_CONTROLNET", {"tooltip": "The ControlNet from SD35 ControlNet Loader."}),
+                "vae": ("SD35_VAE", {"tooltip": "The SD3 VAE, to encode the control image."}),
+                "image": ("IMAGE", {"tooltip": "The control image: canny edges, a blurred image or a depth map "
+                                               "(see the SD35 preprocessors). It is resized to the generation size."}),
+                "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01,
+                                       "tooltip": "How strongly the ControlNet steers; 0 turns it off."}),
+                "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
+                                            "tooltip": "First part of the run the ControlNet acts on (fraction of "
+                                                       "the steps)."}),
+                "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001,
+                                          "tooltip": "Where the ControlNet stops acting (fraction of the steps)."}),
+            },
+            "optional": {
+                "control_type": (CONTROL_TYPE_CHOICES, {
+                    "default": "auto",
+                    "tooltip": "How the control image is scaled for the VAE; auto reads it from the ControlNet file."}),
+                "depth_invert": (list(DEPTH_INVERT), {
+                    "default": "off",
+                    "tooltip": "Depth maps only. The SD3.5 depth ControlNet wants near = dark (as the reference); "
+                               "on inverts maps where near is bright (Depth Anything, MiDaS), auto guesses."}),
+            },
+        }
+
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("positive", "negative")
+    OUTPUT_TOOLTIPS = ("Positive conditioning with the ControlNet attached.",
+                       "Negative conditioning with the ControlNet attached.")
+    FUNCTION = "apply"
+    CATEGORY = "sd35/controlnet"
+    DESCRIPTION = ("Attaches an SD3.5 ControlNet to the conditioning; SD35 Sampler runs it. Several can be chained.")
+
+    def apply(self, positive, negative, control_net, vae, image, strength, start_percent, end_percent,
+              control_type: str = "auto", depth_invert: str = "off"):
+        control_net = require_type(control_net, SD35ControlNet, "control_net", NODE)
+        require(vae, "vae", NODE, NO_VAE)
+        vae = require_type(vae, SD35VAE, "vae", NODE)
+        if control_type not in CONTROL_TYPE_CHOICES:
+            raise ValueError(f"{NODE}: control_type: expected one of {', '.join(CONTROL_TYPE_CHOICES)}; "
+                             f"got {control_type!r}")
+        if depth_invert not in DEPTH_INVERT:
+            raise ValueError(f"{NODE}: depth_invert: expected one of {', '.join(DEPTH_INVERT)}; got {depth_invert!r}")
+        if not 0.0 <= start_percent <= end_percent <= 1.0:
+            raise ValueError(f"{NODE}: expected 0 <= start_percent <= end_percent <= 1; got {start_percent}, "
+                             f"{end_percent}")
+        if image is None or getattr(image, "ndim", 0) != 4 or image.shape[-1] < 3:
+            raise ValueError(f"{NODE}: the image input is not an RGB IMAGE [B, H, W, 3]")
+        if strength == 0:
+            return (positive, negative)
+        spec = ControlSpec(control_net, vae, image[..., :3], float(strength), float(start_percent),
+                           float(end_percent), control_type, DEPTH_INVERT[depth_invert])
+        return (attach_control(positive, spec), attach_control(negative, spec))
+
+
+class SD35CannyPreprocessor:
+    """Canny edges, as the SD3.5 canny ControlNet was trained on."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "image": ("IMAGE", {"tooltip": "The image to find edges in."}),
+                "low_threshold": ("INT", {"default": preprocess.CANNY_LOW, "min": 0, "max": 1020,
+                                          "tooltip": "Weak-edge threshold on OpenCV's 0..255 gradient scale "
+                                                     "(model card: 100)."}),
+                "high_threshold": ("INT", {"default": preprocess.CANNY_HIGH, "min": 0, "max": 1020,
+                                           "tooltip": "Strong-edge threshold (model card: 200)."}),
+            }
+        }
+
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    OUTPUT_TOOLTIPS = ("White edges on black, for the canny ControlNet.",)
+    FUNCTION = "run"
+    CATEGORY = "sd35/controlnet/preprocessors"
+    DESCRIPTION = "Canny edge detection matching OpenCV's cv2.Canny (no OpenCV needed)."
+
+    def run(self, image, low_threshold, high_threshold):
+        return (preprocess.canny(image, low_threshold, high_threshold),)
+
+
+class SD35BlurPreprocessor:
+    """Gaussian blur, as the SD3.5 blur ControlNet was trained on."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "image": ("IMAGE", {"tooltip": "The image to blur."}),
+                "kernel_size": ("INT", {"default": preprocess.BLUR_KERNEL, "min": 1, "max": 501,
+                                        "tooltip": "Blur window in pixels (model card: 50; even sizes use the next "
+                                                   "odd one)."}),
+            }
+        }
+
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    OUTPUT_TOOLTIPS = ("The blurred image, for the blur ControlNet.",)
+    FUNCTION = "run"
+    CATEGORY = "sd35/controlnet/preprocessors"
+    DESCRIPTION = "Gaussian blur matching cv2.GaussianBlur (no OpenCV needed)."
+
+    def run(self, image, kernel_size):
+        return (preprocess.blur(image, kernel_size),)
+
+
+class SD35DepthNormalize:
+    """Stretch a depth map to 0..1 (and optionally invert it) for the depth ControlNet."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "image": ("IMAGE", {"tooltip": "A depth map from any depth estimator node or file."}),
+                "invert": ("BOOLEAN", {"default": False,
+                                       "tooltip": "Invert after normalising: the SD3.5 depth ControlNet wants near = "
+                                                  "dark, most estimators draw near = bright."}),
+            }
+        }
+
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    OUTPUT_TOOLTIPS = ("The normalised depth map, grey in all three channels.",)
+    FUNCTION = "run"
+    CATEGORY = "sd35/controlnet/preprocessors"
+    DESCRIPTION = "Normalises a depth map to the full 0..1 range (per image), optionally inverted."
+
+    def run(self, image, invert):
+        out = preprocess.normalize_depth(image)
+        return (1.0 - out if invert else out,)

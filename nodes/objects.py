@@ -1,0 +1,106 @@
+"""What travels on the pack's own socket types (SD35_MODEL, SD35_CLIP, SD35_VAE, SD35_CONTROLNET).
+
+Each object pairs the loaded sd35_core module with its :class:`~.host.ManagedModule`, so every node asks
+ComfyUI's model management for the room before computing and the loaders' cache hands back the same object
+(and the same registration) on a re-queue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..sd35_core.controlnet import ControlNet
+from ..sd35_core.loader import DiffusionModel
+from ..sd35_core.vae import VAE
+from . import host
+
+
+@dataclass(eq=False)
+class SD35Model:
+    """SD35_MODEL: a diffusion model ready to sample."""
+
+    diffusion: DiffusionModel
+    managed: host.ManagedModule
+
+    @property
+    def mmdit(self):
+        return self.diffusion.mmdit
+
+    @property
+    def config(self):
+        return self.diffusion.config
+
+    @property
+    def variant(self) -> str:
+        return self.diffusion.variant
+
+    @property
+    def device(self) -> torch.device:
+        return self.managed.load_device
+
+
+@dataclass(eq=False)
+class SD35Clip:
+    """SD35_CLIP: CLIP-L, CLIP-G and optionally T5-XXL, with the device they encode on.
+
+    The tokenizer is looked up on first use, so a checkpoint loader used only for its diffusion model
+    never fails for want of tokenizer files.
+    """
+
+    clip_l: torch.nn.Module
+    clip_g: torch.nn.Module
+    t5: torch.nn.Module | None
+    managed: host.ManagedModule
+    source: str
+    _encoder: object | None = field(default=None, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.managed.load_device
+
+
+@dataclass(eq=False)
+class SD35VAE:
+    """SD35_VAE: the SD3 autoencoder."""
+
+    vae: VAE
+    managed: host.ManagedModule
+    source: str
+
+    @property
+    def device(self) -> torch.device:
+        return self.managed.load_device
+
+
+@dataclass(eq=False)
+class SD35ControlNet:
+    """SD35_CONTROLNET: a ControlNet, loaded for (and checked against) one diffusion model."""
+
+    controlnet: ControlNet
+    managed: host.ManagedModule
+    source: str
+
+    @property
+    def control_type(self) -> str | None:
+        return self.controlnet.control_type_name
+
+
+def require(value, socket: str, node: str, hint: str):
+    """``value`` unless it is ``None``: then a clear error for the node that needed it."""
+    if value is None:
+        raise ValueError(f"{node}: the {socket} input is empty. {hint}")
+    return value
+
+
+def require_type(value, cls: type, socket: str, node: str):
+    """Check that an input carries this pack's object (and not, say, a native ComfyUI MODEL)."""
+    if value is None:
+        raise ValueError(f"{node}: the {socket} input is empty")
+    if not isinstance(value, cls):
+        raise ValueError(
+            f"{node}: the {socket} input got a {type(value).__name__}; it expects the output of an SD35 loader "
+            "node (native ComfyUI models cannot be used with the SD35 nodes)"
+        )
+    return value

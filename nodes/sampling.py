@@ -1,0 +1,191 @@
+"""The sampler node: CFG, skip-layer guidance and ControlNets over sd35_core's pipeline."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+from ..sd35_core import pipeline
+from ..sd35_core.controlnet import ControlHint, check_controlnet_fits, prepare_control_image
+from ..sd35_core.defaults import defaults_for
+from ..sd35_core.guidance import SLG_WINDOWS, CondEntry, SkipLayerGuidance
+from ..sd35_core.latent import process_in
+from ..sd35_core.samplers import SAMPLERS
+from ..sd35_core.schedule import SCHEDULES
+from . import host
+from .conditioning import ControlSpec, to_entries
+from .objects import SD35Model, require_type
+
+log = logging.getLogger(__name__)
+
+NODE = "SD35 Sampler"
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+    """``"7,8,9"`` -> ``(7, 8, 9)``; empty means no skip-layer guidance. ValueError for anything else."""
+    layers = []
+    for part in str(text).replace(" ", "").split(","):
+        if not part:
+            continue
+        if not part.isdigit():
+            raise ValueError(f"slg_layers: expected comma-separated joint block numbers like 7,8,9; got {text!r}")
+        layers.append(int(part))
+    return tuple(layers)
+
+
+def pad_context(entries: list[CondEntry], model: SD35Model) -> list[CondEntry]:
+    """Zero-pad narrower contexts (CLIP-only encodings, made without T5) to the model's context width.
+
+    The reference pads the CLIP states to the T5 width with zeros and uses zeros for a missing T5, so this
+    gives exactly what encoding at the full width gives. Wider contexts are left for the guider to refuse.
+    """
+    width = model.config.context_dim
+    out = []
+    for e in entries:
+        if isinstance(e.context, torch.Tensor) and e.context.ndim == 3 and e.context.shape[-1] < width:
+            e = replace(e, context=F.pad(e.context, (0, width - e.context.shape[-1])))
+        out.append(e)
+    return out
+
+
+def model_memory_estimate(model: SD35Model, latent: torch.Tensor, rows_per_image: int) -> int:
+    """Rough activation memory of one sampling step, so ComfyUI keeps that much free next to the weights."""
+    cfg = model.config
+    b, _, h, w = latent.shape
+    tokens = (h // cfg.patch_size) * (w // cfg.patch_size) + 333
+    itemsize = torch.empty((), dtype=model.mmdit.compute_dtype).element_size()
+    return int(b * rows_per_image * tokens * cfg.hidden_size * itemsize * 16)
+
+
+def build_hints(specs: list[ControlSpec], model: SD35Model, latent: torch.Tensor) -> list[ControlHint]:
+    """Encode each attached control image at the generation size and make the sampler's hints."""
+    hints = []
+    b, _, h, w = latent.shape
+    for spec in specs:
+        cn = spec.controlnet
+        path = check_controlnet_fits(cn.controlnet.config, model.config)
+        kind = spec.control_type if spec.control_type != "auto" else cn.control_type
+        if kind is None:
+            raise ValueError(
+                f"{NODE}: the ControlNet {cn.source} does not say whether it is a canny, blur or depth model; "
+                "choose control_type on SD35 Apply ControlNet"
+            )
+        if spec.image.shape[0] not in (1, b):
+            raise ValueError(f"{NODE}: the control image batch ({spec.image.shape[0]}) must be 1 or the latent "
+                             f"batch ({b})")
+        pixels = prepare_control_image(spec.image, w * 8, h * 8, kind, spec.invert, path=path)
+        spec.vae.managed.load()
+        with torch.no_grad():
+            cond_latent = process_in(spec.vae.vae.encode(pixels))
+        hints.append(ControlHint(cn.controlnet, cond_latent, spec.strength, spec.start, spec.end))
+    return hints
+
+
+class SD35Sampler:
+    """Denoise a latent with an SD3 / SD3.5 model: CFG, skip-layer guidance, ControlNets."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("SD35_MODEL", {"tooltip": "The diffusion model from SD35 Checkpoint Loader."}),
+                "positive": ("CONDITIONING", {"tooltip": "What the image should show (SD35 Text Encode, or "
+                                                         "ComfyUI's SD3 text encoding; timestep ranges and combine "
+                                                         "are honoured)."}),
+                "negative": ("CONDITIONING", {"tooltip": "What the image should not show."}),
+                "latent": ("LATENT", {"tooltip": "SD35 Empty Latent for text-to-image, or an encoded image for "
+                                                 "image-to-image (with denoise below 1)."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": pipeline.MAX_SEED, "control_after_generate": True,
+                                 "tooltip": "Seed of the starting noise (the reference draws it on the CPU, so the "
+                                            "same seed gives the same image on every device)."}),
+                "steps": ("INT", {"default": 40, "min": 1, "max": 10000,
+                                  "tooltip": "Number of sampling steps (recommended: 40 Large, 50 Medium, 4 Turbo)."}),
+                "cfg": ("FLOAT", {"default": 4.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                                  "tooltip": "Classifier-free guidance scale (recommended: 4.5 Large, 5 Medium, "
+                                             "4 Medium with SLG, 1 Turbo)."}),
+                "sampler": (list(SAMPLERS), {"default": "dpmpp_2m",
+                                             "tooltip": "Sampling method; euler and dpmpp_2m are the reference's."}),
+                "schedule": (list(SCHEDULES), {"default": "reference",
+                                               "tooltip": "Noise schedule: reference (Stability's), or ComfyUI's "
+                                                          "normal / simple / sgm_uniform / beta."}),
+                "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01,
+                                    "tooltip": "Schedule shift; 0 uses the model's default (3 for SD3.5, 1 for SD3)."}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                      "tooltip": "1 for text-to-image; lower keeps more of the input latent "
+                                                 "(the reference drops the first steps*(1-denoise) steps)."}),
+                "slg_layers": ("STRING", {"default": "7,8,9", "multiline": False,
+                                          "tooltip": "Skip-layer guidance: joint blocks skipped in the extra pass, "
+                                                     "comma-separated (SD3.5 Medium: 7,8,9)."}),
+                "slg_scale": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 0.1,
+                                        "tooltip": "Skip-layer guidance strength; 0 turns it off "
+                                                   "(SD3.5 Medium: 2.5)."}),
+                "slg_start": ("FLOAT", {"default": 0.01, "min": 0.0, "max": 1.0, "step": 0.001,
+                                        "tooltip": "Where skip-layer guidance starts, as a fraction of the run."}),
+                "slg_end": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 1.0, "step": 0.001,
+                                      "tooltip": "Where skip-layer guidance ends, as a fraction of the run."}),
+                "slg_window": (list(SLG_WINDOWS), {"default": "steps",
+                                                   "tooltip": "How start/end are measured: steps (the reference) or "
+                                                              "sigma (ComfyUI's SkipLayerGuidanceSD3 node)."}),
+            },
+            "optional": {
+                "seed_mode": (list(pipeline.SEED_MODES), {
+                    "default": "batch",
+                    "tooltip": "batch: one noise draw for the whole batch (reference); per_image: image i uses "
+                               "seed + i, so it equals a single run with that seed."}),
+            },
+        }
+
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("The denoised latent (raw VAE space), for SD35 VAE Decode.",)
+    FUNCTION = "sample"
+    CATEGORY = "sd35/sampling"
+    DESCRIPTION = ("Samples an SD3 / SD3.5 model as the Stability reference does, with skip-layer guidance and "
+                   "the ControlNets attached by SD35 Apply ControlNet.")
+
+    def sample(self, model, positive, negative, latent, seed, steps, cfg, sampler, schedule, shift, denoise,
+               slg_layers, slg_scale, slg_start, slg_end, slg_window, seed_mode="batch"):
+        model = require_type(model, SD35Model, "model", NODE)
+        if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
+            raise ValueError(f"{NODE}: the latent input is not a LATENT")
+        if latent.get("noise_mask") is not None:
+            raise ValueError(f"{NODE}: latents with a noise mask (inpainting) are not supported")
+        samples = latent["samples"]
+        if denoise <= 0.0:
+            return (dict(latent),)
+        pos, pos_controls = to_entries(positive, "positive")
+        neg, neg_controls = to_entries(negative, "negative")
+        specs = pos_controls + [c for c in neg_controls if all(c is not p for p in pos_controls)]
+        pos, neg = pad_context(pos, model), pad_context(neg, model)
+
+        layers = parse_layers(slg_layers)
+        slg = None
+        if slg_scale > 0 and layers:
+            slg = SkipLayerGuidance(layers=layers, scale=slg_scale, start=slg_start, end=slg_end, window=slg_window)
+            slg.check_depth(model.config.depth)
+        if shift <= 0:
+            shift = defaults_for(model.variant).shift
+
+        hints = build_hints(specs, model, samples) if specs else []
+        rows = 2 + (1 if slg is not None else 0)
+        model.managed.load(extra=[s.controlnet.managed for s in specs],
+                           memory_required=model_memory_estimate(model, samples, rows))
+        progress = host.Progress(steps, model.device)
+
+        def callback(info):
+            progress.update(info.index, info.total, info.denoised)
+
+        common = dict(steps=steps, cfg=cfg, sampler=sampler, shift=shift, seed=seed, schedule=schedule, slg=slg,
+                      controls=hints, seed_mode=seed_mode, callback=callback, should_cancel=host.check_interrupt,
+                      skip_uncond_at_cfg1=True)
+        if denoise >= 1.0:
+            b, _, h, w = samples.shape
+            out = pipeline.txt2img(model.mmdit, pos, neg, width=w * 8, height=h * 8, batch_size=b, **common)
+        else:
+            out = pipeline.img2img(model.mmdit, pos, neg, init_latent=samples, denoise=denoise, **common)
+        result = {k: v for k, v in latent.items() if k != "noise_mask"}
+        result["samples"] = out.to(device="cpu", dtype=torch.float32)
+        return (result,)

@@ -1,0 +1,416 @@
+"""The pack inside a real ComfyUI server, driven through its HTTP API and websocket.
+
+Needs ``COMFYUI_PATH`` (a ComfyUI checkout; skipped, visibly, without it). The server runs with
+``COMFYUI_PYTHON`` if set, else the first existing ``bin/python`` of ``<COMFYUI_PATH>/venv``,
+``<COMFYUI_PATH>/.venv``, ``<COMFYUI_PATH>/../comfy-venv`` or ``<COMFYUI_PATH>/../../comfy-venv``, else this Python.
+It starts on a free loopback port with ``--cpu``, a temporary base directory whose ``custom_nodes`` holds a
+symlink to this pack, and tiny checkpoints in a temporary models folder given by
+``--extra-model-paths-config``. The ComfyUI checkout itself is not modified.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+
+import numpy as np
+import pytest
+
+from ..nodes.conftest import load_pack
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+START_TIMEOUT = 180
+RUN_TIMEOUT = 120
+
+pytestmark = pytest.mark.skipif(
+    not COMFYUI_PATH, reason="COMFYUI_PATH is not set: the real-ComfyUI host tests need a ComfyUI checkout"
+)
+
+websocket = pytest.importorskip("websocket", reason="websocket-client is needed to follow ComfyUI's progress")
+
+
+def comfyui_python() -> str:
+    explicit = os.environ.get("COMFYUI_PYTHON")
+    if explicit:
+        return explicit
+    comfy = os.path.abspath(COMFYUI_PATH)
+    parent, grandparent = os.path.dirname(comfy), os.path.dirname(os.path.dirname(comfy))
+    for venv in (os.path.join(comfy, "venv"), os.path.join(comfy, ".venv"), os.path.join(parent, "comfy-venv"),
+                 os.path.join(grandparent, "comfy-venv")):
+        python = os.path.join(venv, "bin", "python")
+        if os.path.exists(python):
+            return python
+    return sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A running ComfyUI: HTTP helpers and a websocket that follows one prompt at a time."""
+
+    def __init__(self, proc: subprocess.Popen, port: int, base: str, models, log_path: str):
+        self.proc, self.port, self.base, self.models, self.log_path = proc, port, base, models, log_path
+        self.url = f"http://127.0.0.1:{port}"
+        self.client_id = uuid.uuid4().hex
+        self.ws = None
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def get(self, path: str) -> bytes:
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return r.read()
+
+    def get_json(self, path: str):
+        return json.loads(self.get(path))
+
+    def post(self, path: str, data: dict):
+        req = urllib.request.Request(self.url + path, json.dumps(data).encode(),
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            body = r.read()
+        return json.loads(body) if body else None
+
+    def connect(self):
+        self.ws = websocket.create_connection(f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}",
+                                              timeout=RUN_TIMEOUT)
+
+    def queue(self, prompt: dict) -> str:
+        try:
+            return self.post("/prompt", {"prompt": prompt, "client_id": self.client_id})["prompt_id"]
+        except urllib.error.HTTPError as e:
+            raise AssertionError(f"prompt rejected: {e.read().decode(errors='replace')}") from None
+
+    def follow(self, prompt_id: str, on_progress=None) -> dict:
+        """Websocket events of one prompt until it finishes: status, progress, previews, error, interrupted."""
+        result = {"status": None, "progress": [], "previews": 0, "error": None, "interrupted": None}
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while time.monotonic() < deadline:
+            msg = self.ws.recv()
+            if isinstance(msg, bytes):
+                result["previews"] += 1
+                continue
+            msg = json.loads(msg)
+            data = msg.get("data", {})
+            if data.get("prompt_id") not in (None, prompt_id):
+                continue
+            kind = msg["type"]
+            if kind == "progress":
+                result["progress"].append((data["value"], data["max"]))
+                if on_progress is not None:
+                    on_progress(data)
+            elif kind == "execution_error":
+                result["error"] = data
+            elif kind == "execution_interrupted":
+                result["interrupted"] = data
+            elif kind == "execution_success":
+                result["status"] = "success"
+            elif kind == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
+                if result["status"] is None:
+                    ended = "error" if result["error"] else "interrupted" if result["interrupted"] else "done"
+                    result["status"] = ended
+                return result
+        raise AssertionError(f"prompt {prompt_id} did not finish in {RUN_TIMEOUT}s; log:\n{self.log()[-3000:]}")
+
+    def run(self, prompt: dict, **kw) -> dict:
+        prompt_id = self.queue(prompt)
+        result = self.follow(prompt_id, **kw)
+        result["prompt_id"] = prompt_id
+        return result
+
+    def images(self, prompt_id: str) -> list[np.ndarray]:
+        """The saved images of a finished prompt, fetched through /history and /view, as uint8 arrays."""
+        from io import BytesIO
+
+        from PIL import Image
+
+        history = self.get_json(f"/history/{prompt_id}")[prompt_id]
+        arrays = []
+        for output in history["outputs"].values():
+            for img in output.get("images", []):
+                query = urllib.parse.urlencode({k: img[k] for k in ("filename", "subfolder", "type")})
+                png = self.get(f"/view?{query}")
+                arrays.append(np.asarray(Image.open(BytesIO(png)).convert("RGB")))
+        return arrays
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from PIL import Image
+
+    from sd35_core.tiny import write_tiny_model_set
+
+    base = tmp_path_factory.mktemp("comfy_base")
+    models = write_tiny_model_set(tmp_path_factory.mktemp("comfy_models"), seed=0)
+    corrupt = os.path.join(models.root, "checkpoints", "corrupt.safetensors")
+    shutil.copy(models.checkpoints["sd3.5_medium"], corrupt)
+    with open(corrupt, "r+b") as f:
+        f.truncate(os.path.getsize(corrupt) // 2)
+    os.makedirs(base / "custom_nodes")
+    os.symlink(ROOT, base / "custom_nodes" / "comfyui_sd35")
+    os.makedirs(base / "input")
+    photo = Image.open(os.path.join(SHARED, "images", "canny.png")).convert("RGB").resize((64, 64))
+    photo.save(base / "input" / "photo.png")
+    yaml = base / "extra_model_paths.yaml"
+    yaml.write_text(
+        "sd35_tiny:\n"
+        f"    base_path: {models.root}\n"
+        + "".join(f"    {f}: {f}\n" for f in ("checkpoints", "diffusion_models", "text_encoders", "vae", "controlnet"))
+    )
+    port = free_port()
+    log_path = str(base / "comfyui.log")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SD35_")}  # tokenizers come from ComfyUI
+    cmd = [comfyui_python(), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+           "--base-directory", str(base), "--extra-model-paths-config", str(yaml),
+           "--output-directory", str(base / "output"), "--database-url", "sqlite:///:memory:",
+           "--preview-method", "latent2rgb", "--disable-auto-launch"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT, env=env)
+    srv = Server(proc, port, str(base), models, log_path)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"ComfyUI exited with {proc.returncode}; log:\n{srv.log()[-5000:]}")
+            try:
+                srv.get("/system_stats")
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(
+                        f"ComfyUI did not start in {START_TIMEOUT}s; log:\n{srv.log()[-5000:]}"
+                    ) from None
+                time.sleep(0.5)
+        srv.connect()
+        yield srv
+    finally:
+        if srv.ws is not None:
+            srv.ws.close()
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# ------------------------------------------------------------------------------------------------- graphs
+
+MEDIUM = "tiny-sd3.5_medium.safetensors"  # 10 joint blocks: the reference SLG layers 7,8,9 exist
+LARGE = "tiny-sd3.5_large.safetensors"  # 4 joint blocks: cheaper, and what the ControlNets are for
+TXT2IMG = dict(prompt="a lighthouse on a cliff at dusk", negative="blurry", width=48, height=32, steps=4, cfg=4.0,
+               sampler="dpmpp_2m", schedule="reference", shift=3.0, seed=42, slg_layers=[7, 8, 9], slg_scale=2.5,
+               slg_start=0.01, slg_end=0.6, slg_window="steps")
+
+
+# ComfyUI's model management logs this when it (re)loads a model registered by the pack.
+REQUEST_MMDIT = "Requested to load SD35MMDiTX"
+REQUEST_TEXT = "Requested to load SD35TextEncoders"
+
+
+def sampler(model, positive, negative, latent, s=TXT2IMG, **overrides):
+    inputs = dict(model=model, positive=positive, negative=negative, latent=latent, seed=s["seed"], steps=s["steps"],
+                  cfg=s["cfg"], sampler=s["sampler"], schedule=s["schedule"], shift=s["shift"], denoise=1.0,
+                  slg_layers=",".join(map(str, s["slg_layers"])), slg_scale=s["slg_scale"], slg_start=s["slg_start"],
+                  slg_end=s["slg_end"], slg_window=s["slg_window"])
+    inputs.update(overrides)
+    return {"class_type": "SD35Sampler", "inputs": inputs}
+
+
+def base_graph(ckpt=MEDIUM, prompt=TXT2IMG["prompt"], negative=TXT2IMG["negative"], prefix="sd35"):
+    """Loader, text encoders, prompts, and a decode + save of node 20's latent."""
+    return {
+        "1": {"class_type": "SD35CheckpointLoader", "inputs": {"ckpt_name": ckpt, "weight_dtype": "default"}},
+        "2": {"class_type": "SD35TextEncoderLoader",
+              "inputs": {"clip_l_name": "clip_l.safetensors", "clip_g_name": "clip_g.safetensors",
+                         "t5xxl_name": "t5xxl_fp16.safetensors", "device": "default"}},
+        "3": {"class_type": "SD35TextEncode", "inputs": {"clip": ["2", 0], "text": prompt}},
+        "4": {"class_type": "SD35TextEncode", "inputs": {"clip": ["2", 0], "text": negative}},
+        "30": {"class_type": "SD35VAEDecode", "inputs": {"samples": ["20", 0], "vae": ["1", 2]}},
+        "31": {"class_type": "SaveImage", "inputs": {"images": ["30", 0], "filename_prefix": prefix}},
+    }
+
+
+def txt2img_graph(s=TXT2IMG, prefix="txt2img", **sampler_overrides):
+    g = base_graph(prompt=s["prompt"], negative=s["negative"], prefix=prefix)
+    g["10"] = {"class_type": "SD35EmptyLatent", "inputs": {"width": s["width"], "height": s["height"],
+                                                          "batch_size": 1}}
+    g["20"] = sampler(["1", 0], ["3", 0], ["4", 0], ["10", 0], s, **sampler_overrides)
+    return g
+
+
+def quick_graph(prefix: str, seed: int, steps: int = 2):
+    """A cheap run on the 4-block model (also used to show the server still works after a failure)."""
+    g = base_graph(ckpt=LARGE, prefix=prefix)
+    g["10"] = {"class_type": "SD35EmptyLatent", "inputs": {"width": 32, "height": 32, "batch_size": 1}}
+    g["20"] = sampler(["1", 0], ["3", 0], ["4", 0], ["10", 0], seed=seed, steps=steps, sampler="euler",
+                      slg_scale=0.0)
+    return g
+
+
+def assert_success(result, server):
+    assert result["error"] is None, f"{result['error']}\nlog:\n{server.log()[-3000:]}"
+    assert result["status"] == "success", result
+
+
+# ------------------------------------------------------------------------------------------------- tests
+
+def test_object_info_lists_every_node_with_its_inputs(server):
+    info = server.get_json("/object_info")
+    pack = load_pack()
+    for name, cls in pack.NODE_CLASS_MAPPINGS.items():
+        assert name in info, f"{name} missing from /object_info; log:\n{server.log()[-3000:]}"
+        node = info[name]
+        spec = cls.INPUT_TYPES()
+        for section in ("required", "optional"):
+            assert set(node["input"].get(section, {})) == set(spec.get(section, {})), (name, section)
+            for input_name, value in node["input"].get(section, {}).items():
+                assert value[1]["tooltip"], (name, input_name)
+        assert node["category"] == cls.CATEGORY and node["display_name"] == pack.NODE_DISPLAY_NAME_MAPPINGS[name]
+        assert tuple(node["output"]) == cls.RETURN_TYPES and tuple(node["output_name"]) == cls.RETURN_NAMES
+    ckpts = info["SD35CheckpointLoader"]["input"]["required"]["ckpt_name"][0]
+    assert {MEDIUM, LARGE, "tiny-sd3.5_medium-bare.safetensors", "corrupt.safetensors"} <= set(ckpts)
+    assert "t5xxl_fp16.safetensors" in info["SD35TextEncoderLoader"]["input"]["required"]["t5xxl_name"][0]
+    # The frontend extension is served through WEB_DIRECTORY.
+    assert any("sd35.js" in path for path in server.get_json("/extensions"))
+
+
+def test_txt2img_with_slg_equals_the_plain_pipeline(server, tmp_path):
+    result = server.run(txt2img_graph())
+    assert_success(result, server)
+    steps = TXT2IMG["steps"]
+    assert [v for v, m in result["progress"] if m == steps] == list(range(1, steps + 1))
+    assert result["previews"] >= 1  # latent previews through ComfyUI's previewer
+    (image,) = server.images(result["prompt_id"])
+    assert image.shape == (TXT2IMG["height"], TXT2IMG["width"], 3)
+
+    models = server.models
+    settings = dict(TXT2IMG, checkpoint=models.checkpoints["sd3.5_medium"], text_encoders=models.text_encoders,
+                    comfyui_path=COMFYUI_PATH)
+    (tmp_path / "settings.json").write_text(json.dumps(settings))
+    subprocess.run([comfyui_python(), os.path.join(os.path.dirname(__file__), "pipeline_reference.py"),
+                    str(tmp_path / "settings.json"), str(tmp_path / "ref.npy")], check=True, timeout=300,
+                   env={k: v for k, v in os.environ.items() if not k.startswith("SD35_")})
+    expected = np.load(tmp_path / "ref.npy")
+    assert np.array_equal(image, expected), f"max diff {np.abs(image.astype(int) - expected).max()}"
+
+
+def test_same_prompt_twice_gives_identical_images_and_loads_once(server):
+    graph = txt2img_graph(prefix="twice", seed=1234)
+    log0 = server.log()
+    first = server.run(graph)
+    assert_success(first, server)
+    log1 = server.log()
+    # Only the sampler ran again (ComfyUI cached the rest); the diffusion model stayed registered and loaded.
+    assert log1.count(REQUEST_MMDIT) == log0.count(REQUEST_MMDIT) >= 1
+    # Drop ComfyUI's output cache and unload models, so the second run executes every node again.
+    server.post("/free", {"free_memory": True, "unload_models": True})
+    blank = {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+             "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
+    assert_success(server.run(blank), server)  # the worker applies the /free flags before taking the next prompt
+    second = server.run(graph)
+    assert_success(second, server)
+    assert len(second["progress"]) >= TXT2IMG["steps"]  # it really sampled again
+    (a,), (b,) = server.images(first["prompt_id"]), server.images(second["prompt_id"])
+    assert np.array_equal(a, b)
+    log2 = server.log()
+    assert log2.count(REQUEST_MMDIT) == log1.count(REQUEST_MMDIT) + 1  # once more after /free unloaded it
+    # The text encoders are handed back after each encode, so each of the two encodes asked for them again.
+    assert log2.count(REQUEST_TEXT) == log1.count(REQUEST_TEXT) + 2
+    # The loaders' cache served the second run: the checkpoint was read from disk only once.
+    assert server.log().count(f"sd35: loaded {MEDIUM}") == 1
+
+
+def test_native_conditioning_nodes_work_with_ours(server):
+    g = txt2img_graph(prefix="native", slg_scale=0.0)
+    g["5"] = {"class_type": "SD35TextEncode", "inputs": {"clip": ["2", 0], "text": "a stormy sea"}}
+    g["6"] = {"class_type": "ConditioningSetTimestepRange", "inputs": {"conditioning": ["3", 0], "start": 0.0,
+                                                                       "end": 0.5}}
+    g["7"] = {"class_type": "ConditioningSetTimestepRange", "inputs": {"conditioning": ["5", 0], "start": 0.5,
+                                                                       "end": 1.0}}
+    g["8"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["6", 0], "conditioning_2": ["7", 0]}}
+    g["9"] = {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["4", 0]}}
+    g["20"]["inputs"].update(positive=["8", 0], negative=["9", 0])
+    result = server.run(g)
+    assert_success(result, server)
+    (image,) = server.images(result["prompt_id"])
+    assert image.shape == (TXT2IMG["height"], TXT2IMG["width"], 3)
+
+
+def test_img2img_and_controlnet(server):
+    g = base_graph(ckpt=LARGE, prefix="img2img")
+    g["11"] = {"class_type": "LoadImage", "inputs": {"image": "photo.png"}}
+    g["12"] = {"class_type": "SD35VAEEncode", "inputs": {"pixels": ["11", 0], "vae": ["1", 2], "tiled": True,
+                                                         "tile_size": 64, "overlap": 16}}
+    g["20"] = sampler(["1", 0], ["3", 0], ["4", 0], ["12", 0], denoise=0.6, slg_scale=0.0, sampler="euler")
+    result = server.run(g)
+    assert_success(result, server)
+    (image,) = server.images(result["prompt_id"])
+    assert image.shape == (64, 64, 3)
+
+    g = base_graph(ckpt=LARGE, prefix="controlnet")
+    g["11"] = {"class_type": "LoadImage", "inputs": {"image": "photo.png"}}
+    g["13"] = {"class_type": "SD35CannyPreprocessor", "inputs": {"image": ["11", 0], "low_threshold": 100,
+                                                                 "high_threshold": 200}}
+    g["14"] = {"class_type": "SD35ControlNetLoader",
+               "inputs": {"model": ["1", 0], "control_net_name": "tiny-sd3.5_large_controlnet_canny.safetensors"}}
+    g["15"] = {"class_type": "SD35ControlNetApply",
+               "inputs": {"positive": ["3", 0], "negative": ["4", 0], "control_net": ["14", 0], "vae": ["1", 2],
+                          "image": ["13", 0], "strength": 0.9, "start_percent": 0.0, "end_percent": 1.0}}
+    g["10"] = {"class_type": "SD35EmptyLatent", "inputs": {"width": 48, "height": 48, "batch_size": 1}}
+    g["20"] = sampler(["1", 0], ["15", 0], ["15", 1], ["10", 0], slg_scale=0.0, sampler="euler", steps=3)
+    result = server.run(g)
+    assert_success(result, server)
+    (image,) = server.images(result["prompt_id"])
+    assert image.shape == (48, 48, 3)
+
+
+def test_interrupt_stops_a_long_run_and_the_next_prompt_succeeds(server):
+    interrupted = []
+
+    def interrupt_on_second_step(progress):
+        if progress["value"] >= 2 and not interrupted:
+            server.post("/interrupt", {})
+            interrupted.append(progress["value"])
+
+    steps = 500
+    result = server.run(quick_graph("long", seed=7, steps=steps), on_progress=interrupt_on_second_step)
+    assert interrupted, "no progress reported before the run ended"
+    assert result["interrupted"] is not None and result["interrupted"]["node_type"] == "SD35Sampler", result
+    assert result["error"] is None
+    sampled = [v for v, m in result["progress"] if m == steps]
+    assert max(sampled) <= interrupted[0] + 2  # stopped within a step of the request (one may be in flight)
+    after = server.run(quick_graph("after_interrupt", seed=8))
+    assert_success(after, server)
+
+
+def test_corrupt_checkpoint_is_a_node_error_and_the_server_keeps_serving(server):
+    g = quick_graph("corrupt", seed=9)
+    g["1"]["inputs"]["ckpt_name"] = "corrupt.safetensors"
+    result = server.run(g)
+    error = result["error"]
+    assert error is not None and error["node_type"] == "SD35CheckpointLoader", result
+    assert "corrupt.safetensors" in error["exception_message"] and "truncated" in error["exception_message"]
+    assert error["exception_type"].endswith("CheckpointError")
+    after = server.run(quick_graph("after_corrupt", seed=9))
+    assert_success(after, server)
+
+
+def test_the_server_log_has_no_warnings_about_the_pack(server):
+    for line in server.log().splitlines():
+        if "WARNING" in line or "Cannot import" in line:
+            assert "sd35" not in line.lower() and "IS_CHANGED" not in line, line

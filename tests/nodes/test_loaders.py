@@ -1,0 +1,123 @@
+"""Loader nodes on tiny checkpoints: what they return, their cache, and their errors."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def fresh_caches(node_classes):
+    """Empty every loader cache before and after a test, so tests do not see each other's loads."""
+    loaders = [node_classes[n] for n in ("SD35CheckpointLoader", "SD35TextEncoderLoader", "SD35VAELoader",
+                                         "SD35ControlNetLoader")]
+    for cls in loaders:
+        cls._cache.clear()
+    yield
+    for cls in loaders:
+        cls._cache.clear()
+
+
+def test_checkpoint_with_vae_gives_model_and_vae_but_no_clip(run_node, fresh_caches):
+    from comfyui_sd35.nodes.objects import SD35VAE, SD35Model
+
+    model, clip, vae = run_node("SD35CheckpointLoader", ckpt_name="tiny-sd3.5_medium.safetensors",
+                                weight_dtype="default")
+    assert isinstance(model, SD35Model) and model.variant == "sd3.5_medium"
+    assert model.mmdit.compute_dtype == torch.float32  # default on the CPU
+    assert clip is None
+    assert isinstance(vae, SD35VAE)
+
+
+def test_bare_diffusion_model_from_diffusion_models_folder(run_node, fresh_caches):
+    model, clip, vae = run_node("SD35CheckpointLoader", ckpt_name="tiny-sd3.5_medium-bare.safetensors",
+                                weight_dtype="bf16")
+    assert model.variant == "sd3.5_medium" and clip is None and vae is None
+    assert model.mmdit.compute_dtype == torch.bfloat16
+
+
+def test_checkpoint_bundling_text_encoders_gives_clip(run_node, tiny_models, fresh_caches, tmp_path, monkeypatch):
+    from comfyui_sd35.nodes.objects import SD35Clip
+
+    from sd35_core.tiny import write_checkpoint
+
+    path = write_checkpoint(tmp_path / "with_te.safetensors", "sd3_medium", text_encoders=True)
+    model, clip, vae = run_node("SD35CheckpointLoader", ckpt_name=str(path), weight_dtype="default")
+    assert model.variant == "sd3_medium" and isinstance(clip, SD35Clip) and clip.t5 is not None
+    (cond,) = run_node("SD35TextEncode", clip=clip, text="a red fox")
+    assert cond[0][0].shape[-1] == model.config.context_dim
+
+
+def test_loader_cache_returns_the_same_objects_and_notices_a_replaced_file(run_node, tiny_models, fresh_caches,
+                                                                        node_classes):
+    cls = node_classes["SD35CheckpointLoader"]
+    first = run_node("SD35CheckpointLoader", ckpt_name="tiny-sd3.5_large.safetensors", weight_dtype="default")
+    hits = cls._cache.hits
+    again = run_node("SD35CheckpointLoader", ckpt_name="tiny-sd3.5_large.safetensors", weight_dtype="default")
+    assert all(a is b for a, b in zip(first, again, strict=True))
+    assert cls._cache.hits == hits + 1
+    token = cls.IS_CHANGED(ckpt_name="tiny-sd3.5_large.safetensors", weight_dtype="default")
+
+    path = tiny_models.checkpoints["sd3.5_large"]
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    try:
+        assert cls.IS_CHANGED(ckpt_name="tiny-sd3.5_large.safetensors", weight_dtype="default") != token
+        reloaded = run_node("SD35CheckpointLoader", ckpt_name="tiny-sd3.5_large.safetensors", weight_dtype="default")
+        assert reloaded[0] is not first[0]
+        assert len(cls._cache) == 1  # the stale entry was dropped
+    finally:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_other_loaders_cache_too(run_node, fresh_caches, node_classes):
+    a = run_node("SD35VAELoader", vae_name="tiny-sd3_vae.safetensors")[0]
+    assert run_node("SD35VAELoader", vae_name="tiny-sd3_vae.safetensors")[0] is a
+    kw = dict(clip_l_name="clip_l.safetensors", clip_g_name="clip_g.safetensors", t5xxl_name="none", device="default")
+    c = run_node("SD35TextEncoderLoader", **kw)[0]
+    assert run_node("SD35TextEncoderLoader", **kw)[0] is c and c.t5 is None
+    model = run_node("SD35CheckpointLoader", ckpt_name="tiny-sd3.5_large.safetensors", weight_dtype="default")[0]
+    depth_file = "tiny-sd3.5_large_controlnet_depth.safetensors"
+    cn = run_node("SD35ControlNetLoader", model=model, control_net_name=depth_file)[0]
+    assert cn.control_type == "depth"
+    assert run_node("SD35ControlNetLoader", model=model,
+                    control_net_name="tiny-sd3.5_large_controlnet_depth.safetensors")[0] is cn
+    # ComfyUI calls IS_CHANGED with the constant inputs only (never the linked model).
+    cls = node_classes["SD35ControlNetLoader"]
+    assert cls.IS_CHANGED(control_net_name="tiny-sd3.5_large_controlnet_depth.safetensors", weight_dtype="default")
+    assert node_classes["SD35TextEncoderLoader"].IS_CHANGED(clip_l_name="clip_l.safetensors",
+                                                            clip_g_name="clip_g.safetensors", t5xxl_name="none",
+                                                            device="cpu")
+
+
+def test_corrupt_checkpoint_raises_the_core_error_naming_the_file(run_node, tiny_models, fresh_caches):
+    from comfyui_sd35.sd35_core.checkpoint import CheckpointError
+
+    from sd35_core.checkpoint import CheckpointError as TopLevelCheckpointError
+
+    bad = os.path.join(tiny_models.root, "checkpoints", "corrupt.safetensors")
+    shutil.copy(tiny_models.checkpoints["sd3.5_medium"], bad)
+    with open(bad, "r+b") as f:
+        f.truncate(os.path.getsize(bad) // 2)
+    try:
+        with pytest.raises(CheckpointError, match="corrupt.safetensors.*truncated"):
+            run_node("SD35CheckpointLoader", ckpt_name="corrupt.safetensors", weight_dtype="default")
+    finally:
+        os.remove(bad)
+    assert TopLevelCheckpointError is not CheckpointError  # the pack uses its own copy of the core
+
+
+def test_a_vae_file_is_not_a_checkpoint(run_node, tiny_models, fresh_caches):
+    with pytest.raises(ValueError, match="expected an SD3/SD3.5 checkpoint.*a VAE"):
+        run_node("SD35CheckpointLoader", ckpt_name=tiny_models.vae, weight_dtype="default")
+
+
+def test_missing_file_names_the_folders_searched(run_node, fresh_caches):
+    with pytest.raises(FileNotFoundError, match="nope.safetensors.*checkpoints/diffusion_models"):
+        run_node("SD35CheckpointLoader", ckpt_name="nope.safetensors", weight_dtype="default")
+
+
+def test_native_comfyui_objects_are_refused_with_a_clear_error(run_node):
+    with pytest.raises(ValueError, match="expects the output of an SD35 loader"):
+        run_node("SD35ControlNetLoader", model=object(), control_net_name="x.safetensors")
