@@ -1,0 +1,50 @@
+"""`sd35 demo`: offline, from nothing to three PNGs through the same code path as real weights."""
+
+import json
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sd35_cli.main import main
+
+
+def test_demo_writes_models_and_three_valid_pngs(capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    out = tmp_path / "demo"
+    threads = torch.get_num_threads()
+    assert main(["demo", "--out", str(out), "--size", "64", "--steps", "2", "--json"]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert summary["threads"] == 1 and torch.get_num_threads() == threads  # restored for the caller
+
+    assert summary["out"] == str(out)
+    titles = [r["title"] for r in summary["runs"]]
+    assert len(titles) == 3
+    assert "skip-layer guidance" in titles[0] and "ControlNet" in titles[1] and "image-to-image" in titles[2]
+    assert summary["runs"][0]["settings"]["slg"]["layers"] == [7, 8, 9]
+    assert summary["runs"][2]["settings"]["denoise"] == 0.6
+
+    pngs = [f for r in summary["runs"] for f in r["files"]] + [summary["runs"][1]["control_image"]]
+    assert len(pngs) == 4
+    for f in pngs:
+        assert f.startswith(str(out)) and f.endswith(".png")
+        with Image.open(f) as im:
+            im.verify()
+        with Image.open(f) as im:
+            assert im.size == (64, 64) and im.mode == "RGB"
+    # The ControlNet saw canny edges: a binary picture, not the coloured input.
+    with Image.open(summary["runs"][1]["control_image"]) as im:
+        assert set(np.unique(np.asarray(im.convert("L")))) <= {0, 255}
+    # Outputs follow the reference's folder naming under <out>/outputs.
+    assert os.path.basename(os.path.dirname(os.path.dirname(pngs[1]))) == (
+        "tiny-sd3.5_large_tiny-sd3.5_large_controlnet_canny"
+    )
+
+    report = captured.err
+    assert "Random weights draw noise" in report
+    assert "ComfyUI/models/checkpoints" in report and "ComfyUI/models/text_encoders" in report
+    for f in pngs[:3]:
+        assert f in report
+
