@@ -3,7 +3,12 @@
 ComfyUI imports this folder as a package and reads the mappings below; nothing else happens at import.
 """
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+if __package__:
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+else:
+    # Imported as a lone file, outside any package: pytest does this with the checkout's folder, whose name
+    # need not be a valid package name. There is nothing to register then.
+    NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
 
 WEB_DIRECTORY = "./js"
 

@@ -1,0 +1,241 @@
+"""``sd35 batch`` / ``python -m sd35_cli.batch``: options, the checks made before anything is queued, the run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from .client import HAVE_WEBSOCKET, ComfyClient
+from .errors import BatchError, WorkflowError
+from .manifest import Manifest, is_done
+from .progress import Progress
+from .rows import FORMATS, expand_jobs, read_prompts, used_columns
+from .runner import BatchRun, prepare_jobs
+from .workflow import describe_targets, is_link, load_workflow, resolve_targets, to_api, validate
+
+PROG = "sd35 batch"
+log = logging.getLogger("sd35_cli.batch")
+
+HELP = "queue a prompts file through one or more ComfyUI servers and bring every image home"
+DESCRIPTION = """\
+Queue a list of prompts through ComfyUI's HTTP API, on one or several servers, and write every image
+to --out with a stable name, <row>_<seed>_<node>_<index>.png, plus manifest.jsonl (one line per image:
+row, settings, seed, server, files, seconds, status or error).
+
+Prompts file (format from the extension, or --format):
+  .txt    one prompt a line (blank lines and lines starting with # are skipped)
+  .csv    a header row; .tsv the same with tabs
+  .jsonl  one JSON object a line
+Columns: prompt, negative, seed, steps, cfg, width, height, denoise, control_image, init_image (image
+paths are relative to the prompts file). Empty cells keep the workflow's value. Other columns need --map.
+
+Where columns go: found from the graph for the shipped workflows and most others (the sampler's seed,
+steps, cfg, denoise; the text encoder behind its positive and negative inputs; the empty latent's size;
+the Load Image behind a ControlNet or an image-to-image encode). --map COLUMN=NodeTitle.input overrides
+that or adds columns (a node title, a node id, or a node type used once); repeat it to write a column
+to several inputs.
+
+Seeds: each row is drawn --seeds-per-prompt times with seeds s, s+1, ..., where s is the row's seed
+column, else --seed, else the seed saved in the workflow.
+
+A rerun with the same --out skips images already done (use --fresh to start over); Ctrl-C stops
+cleanly and removes this run's prompts from the servers' queues. A server that stops answering has its
+images re-queued on the others. Exit status: 0 all done, 1 some images failed (see the manifest),
+130 interrupted.
+
+examples:
+  sd35 batch -w workflows/api/sd3.5_large.json -p prompts.txt -o out/
+  sd35 batch -w my_workflow.json -p prompts.csv -n 4 --seed 100 -s gpu1:8188 -s gpu2:8188 -o out/
+  sd35 batch -w wf.json -p rows.jsonl --map style="Style Prompt.text" -o out/
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the batch options on ``parser`` (a subcommand parser of ``sd35``, or a standalone one)."""
+    parser.add_argument("--workflow", "-w", required=True, metavar="JSON",
+                        help="workflow file, API format (workflows/api/*.json) or as saved by the editor")
+    parser.add_argument("--prompts", "-p", required=True, metavar="FILE",
+                        help="prompts file (.txt, .csv, .tsv, .jsonl)")
+    parser.add_argument("--format", choices=FORMATS, help="read the prompts file as this format whatever its name")
+    parser.add_argument("--out", "-o", required=True, metavar="DIR", help="folder for the images and manifest.jsonl")
+    parser.add_argument("--server", "-s", action="append", metavar="HOST:PORT",
+                        help="a ComfyUI server; repeat for several (default 127.0.0.1:8188)")
+    parser.add_argument("--seeds-per-prompt", "-n", type=int, default=1, metavar="N",
+                        help="images per row, with consecutive seeds (default 1)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="first seed of each row without a seed column (default: the workflow's seed)")
+    parser.add_argument("--map", action="append", default=[], metavar="COLUMN=NodeTitle.input",
+                        help="send a column to a node input (repeatable)")
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument("--resume", dest="fresh", action="store_false",
+                        help="skip images the manifest in --out lists as done (the default)")
+    resume.add_argument("--fresh", dest="fresh", action="store_true",
+                        help="ignore an existing manifest (kept as manifest.jsonl.old) and redo everything")
+    parser.set_defaults(fresh=False)
+    parser.add_argument("--max-queue", type=int, default=2, metavar="N",
+                        help="keep each server at most N prompts deep, counting everyone's (default 2)")
+    parser.add_argument("--no-websocket", action="store_true",
+                        help="follow the servers by polling /history instead of their websocket")
+    parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="HTTP timeout for one request (default 30)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check everything, print where each column goes and the first prompt, queue nothing")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress, only problems and the summary")
+    parser.add_argument("--verbose", "-v", action="store_true", help="log details; show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a batch from parsed options; returns the exit status. Problems are one line on stderr."""
+    try:
+        return _run(args)
+    except BatchError as e:
+        if getattr(args, "verbose", False):
+            raise
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _seed_default(api, targets) -> int | None:
+    for t in targets.get("seed", ()):
+        value = api[t.node]["inputs"].get(t.input)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.seeds_per_prompt < 1:
+        raise BatchError(f"--seeds-per-prompt: expected 1 or more, got {args.seeds_per_prompt}")
+    if args.max_queue < 1:
+        raise BatchError(f"--max-queue: expected 1 or more, got {args.max_queue}")
+    rows = read_prompts(args.prompts, args.format)
+    data = load_workflow(args.workflow)
+
+    addresses = args.server or ["127.0.0.1:8188"]
+    try:
+        clients = [ComfyClient(a, timeout=args.timeout) for a in addresses]
+    except ValueError as e:
+        raise BatchError(str(e)) from None
+    labels = [c.label for c in clients]
+    if len(set(labels)) != len(labels):
+        raise BatchError(f"--server: {sorted({x for x in labels if labels.count(x) > 1})[0]} is given twice")
+    infos = []
+    for c in clients:  # every server must answer before anything is queued anywhere
+        try:
+            infos.append(c.object_info())
+        except BatchError as e:
+            raise BatchError(f"{e} (is ComfyUI running there? nothing was queued)") from None
+
+    api = to_api(data, infos[0], os.path.basename(args.workflow))
+    columns = [c for c in used_columns(rows) if c != "seed"]
+    targets = resolve_targets(api, columns, args.map, infos[0])
+    seed_needed = args.seed is not None or args.seeds_per_prompt > 1 or any("seed" in r.values for r in rows)
+    if "seed" not in targets:
+        try:
+            targets.update(resolve_targets(api, ["seed"], [], infos[0]))
+        except WorkflowError:
+            if seed_needed:
+                raise
+    for column in list(targets):
+        if column not in columns and column != "seed":
+            del targets[column]  # a --map for a column no row uses
+
+    settable = [t for ts in targets.values() for t in ts]
+    problems = []
+    for c, info in zip(clients, infos, strict=True):
+        found = validate(api, info, settable)
+        problems += [f"{c.label}: {p}" if len(clients) > 1 else p for p in found]
+    if problems:
+        raise WorkflowError(f"{os.path.basename(args.workflow)} does not validate, nothing was queued:\n  "
+                            + "\n  ".join(problems))
+
+    base_seed = args.seed if args.seed is not None else _seed_default(api, targets)
+    if "seed" in targets and base_seed is None:
+        base_seed = 0
+    if "seed" not in targets:
+        base_seed = None
+    try:
+        jobs = expand_jobs(rows, args.seeds_per_prompt, base_seed)
+    except ValueError as e:
+        raise BatchError(str(e)) from None
+    prepared = prepare_jobs(api, targets, jobs, infos[0])
+
+    if args.dry_run:
+        return _dry_run(api, targets, prepared, clients)
+
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise BatchError(f"--out {args.out}: cannot create the folder ({e.strerror or e})") from None
+    manifest = Manifest.in_dir(args.out, fresh=args.fresh)
+    latest = manifest.latest()
+    todo = [p for p in prepared if not is_done(latest.get(p.key), p.fingerprint, args.out)]
+    skipped = len(prepared) - len(todo)
+    progress = Progress(len(prepared), skipped=skipped, quiet=args.quiet)
+    if skipped and todo:
+        progress.message(f"resuming: {skipped} of {len(prepared)} image(s) already done in {manifest.path}")
+    use_ws = HAVE_WEBSOCKET and not args.no_websocket
+    if not HAVE_WEBSOCKET and not args.no_websocket and not args.quiet:
+        progress.message("websocket-client is not installed (pip install 'comfyui-sd35[batch]'): following the "
+                         "servers by polling, without per-step progress")
+    if not todo:
+        progress.message(f"nothing to do: all {len(prepared)} image(s) are done (--fresh redoes them)")
+        return 0
+    manifest.append({"type": "run", "workflow": os.path.abspath(args.workflow),
+                     "prompts": os.path.abspath(args.prompts), "servers": labels, "jobs": len(prepared),
+                     "todo": len(todo),
+                     "targets": {c: [f"{t.node}.{t.input}" for t in ts] for c, ts in targets.items()}})
+    for line in describe_targets(api, targets):
+        log.info("%s", line)
+
+    runner = BatchRun(clients, todo, args.out, manifest, progress, use_websocket=use_ws, max_queue=args.max_queue)
+    result = runner.run()
+    done = skipped + result.done
+    if result.interrupted:
+        print(f"{PROG}: interrupted with {done} of {len(prepared)} image(s) done; rerun the same command to "
+              f"resume (manifest: {manifest.path})", file=sys.stderr)
+        return 130
+    summary = f"{PROG}: {result.done} image(s) made" + (f", {skipped} already done" if skipped else "")
+    if result.failed:
+        summary += f", {result.failed} failed (first: {result.first_error}); rerun to retry them"
+    print(summary + f"; manifest: {manifest.path}", file=sys.stderr)
+    return 1 if result.failed else 0
+
+
+def _dry_run(api, targets, prepared, clients) -> int:
+    print(f"{len(prepared)} image(s) on {len(clients)} server(s): {', '.join(c.label for c in clients)}")
+    for line in describe_targets(api, targets):
+        print("  " + line)
+    bad = [p for p in prepared if p.error]
+    for p in bad:
+        print(f"  {p.label}: {p.error}")
+    first = next((p for p in prepared if p.prompt is not None), None)
+    if first is not None:
+        print(f"first prompt ({first.label}):")
+        print(json.dumps({k: v for k, v in first.prompt.items()}, indent=1))
+    links = sum(1 for n in api.values() for v in n.get("inputs", {}).values() if is_link(v))
+    print(f"{len(api)} nodes, {links} links; nothing was queued")
+    return 1 if bad else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m sd35_cli.batch``: the same as ``sd35 batch``."""
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted before anything was queued", file=sys.stderr)
+        return 130
