@@ -5,6 +5,9 @@ ComfyUI imports this folder as a package and reads the mappings below; nothing e
 
 if __package__:
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    from .nodes import routes as _routes
+
+    _routes.register_routes()  # GET /sd35/defaults for the frontend; does nothing outside ComfyUI
 else:
     # Imported as a lone file, outside any package: pytest does this with the checkout's folder, whose name
     # need not be a valid package name. There is nothing to register then.

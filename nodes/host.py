@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -114,6 +115,16 @@ def comfyui_root() -> str | None:
 def tokenizer_path() -> str | None:
     """An explicit tokenizer folder from ``SD35_TOKENIZERS``, if set."""
     return os.environ.get(TOKENIZERS_ENV) or None
+
+
+def server_routes():
+    """ComfyUI's server route table (an aiohttp ``RouteTableDef``), or ``None`` outside a running ComfyUI.
+
+    Taken from the ``server`` module ComfyUI has already imported (importing it here would start building
+    ComfyUI's web app in processes that are not ComfyUI).
+    """
+    prompt_server = getattr(sys.modules.get("server"), "PromptServer", None)
+    return getattr(getattr(prompt_server, "instance", None), "routes", None)
 
 
 # --------------------------------------------------------------------------------------------- devices

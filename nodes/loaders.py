@@ -108,6 +108,14 @@ def checkpoint_names() -> list[str]:
 CHECKPOINT_FOLDERS = ("checkpoints", "diffusion_models")
 
 
+def model_info(model: SD35Model, clip: SD35Clip | None, vae: SD35VAE | None, dtype: str) -> dict:
+    """What the checkpoint loader detected, for the frontend (its ``sd35_info`` UI output)."""
+    encoders = [] if clip is None else ["clip_l", "clip_g"] + (["t5xxl"] if clip.t5 is not None else [])
+    return {"kind": "model", "variant": model.variant, "label": model.diffusion.label, "depth": model.config.depth,
+            "dtype": dtype, "max_image_size": model.config.max_image_size, "encoders": encoders,
+            "vae": vae is not None}
+
+
 class SD35CheckpointLoader:
     """Load an SD3 / SD3.5 checkpoint; the variant and sizes are read from the weights."""
 
@@ -149,8 +157,8 @@ class SD35CheckpointLoader:
         device = host.torch_device()
         dtype = resolve_weight_dtype(weight_dtype, device)
         key = (file_key(path), dtype, str(device))
-        result = self._cache.get(key, lambda: self._load(path, dtype, device))
-        return result
+        model, clip, vae = self._cache.get(key, lambda: self._load(path, dtype, device))
+        return {"ui": {"sd35_info": [model_info(model, clip, vae, dtype)]}, "result": (model, clip, vae)}
 
     @staticmethod
     def _load(path: str, dtype: str, device: torch.device):
@@ -223,7 +231,9 @@ class SD35TextEncoderLoader:
             text = TextEncoders(parts["clip_l"], parts["clip_g"], parts.get("t5xxl"))
             return _make_clip(text, dev, ", ".join(os.path.basename(p) for p in paths.values()))
 
-        return (self._cache.get(key, _load),)
+        clip = self._cache.get(key, _load)
+        info = {"kind": "text_encoders", "encoders": list(paths), "dtype": dtype, "device": str(dev)}
+        return {"ui": {"sd35_info": [info]}, "result": (clip,)}
 
 
 class SD35VAELoader:
@@ -266,7 +276,7 @@ class SD35VAELoader:
             vae = load_vae(path, dtype, host.offload_device())
             return SD35VAE(vae, host.ManagedModule(vae, device), path)
 
-        return (self._cache.get(key, _load),)
+        return {"ui": {"sd35_info": [{"kind": "vae", "dtype": dtype}]}, "result": (self._cache.get(key, _load),)}
 
 
 class SD35ControlNetLoader:
@@ -314,4 +324,7 @@ class SD35ControlNetLoader:
             cn = load_controlnet(path, model.diffusion, dtype, host.offload_device())
             return SD35ControlNet(cn, host.ManagedModule(cn, device), path)
 
-        return (self._cache.get(key, _load),)
+        cn = self._cache.get(key, _load)
+        info = {"kind": "controlnet", "control_type": cn.control_type, "layers": cn.controlnet.config.num_layers,
+                "dtype": dtype}
+        return {"ui": {"sd35_info": [info]}, "result": (cn,)}

@@ -64,6 +64,8 @@ def run_node(node_classes, models_env):
     def run(name, **inputs):
         cls = node_classes[name]
         out = getattr(cls(), cls.FUNCTION)(**inputs)
+        if isinstance(out, dict):  # {"ui": ..., "result": (...)} as ComfyUI accepts it
+            out = out["result"]
         assert isinstance(out, tuple) and len(out) == len(cls.RETURN_TYPES)
         return out
 
