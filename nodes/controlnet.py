@@ -40,9 +40,11 @@ class SD35ControlNetApply:
                     "default": "auto",
                     "tooltip": "How the control image is scaled for the VAE; auto reads it from the ControlNet file."}),
                 "depth_invert": (list(DEPTH_INVERT), {
-                    "default": "off",
-                    "tooltip": "Depth maps only. The SD3.5 depth ControlNet wants near = dark (as the reference); "
-                               "on inverts maps where near is bright (Depth Anything, MiDaS), auto guesses."}),
+                    "default": "auto",
+                    "tooltip": "Depth maps only. The SD3.5 depth ControlNet was trained with near = dark, which the "
+                               "reference feeds as given; Depth Anything and MiDaS draw near = bright. auto inverts "
+                               "a map whose lower part (usually the ground, near) is brighter than its top, so both "
+                               "kinds come out right; off and on force it."}),
             },
         }
 
@@ -55,7 +57,7 @@ class SD35ControlNetApply:
     DESCRIPTION = ("Attaches an SD3.5 ControlNet to the conditioning; SD35 Sampler runs it. Several can be chained.")
 
     def apply(self, positive, negative, control_net, vae, image, strength, start_percent, end_percent,
-              control_type: str = "auto", depth_invert: str = "off"):
+              control_type: str = "auto", depth_invert: str = "auto"):
         control_net = require_type(control_net, SD35ControlNet, "control_net", NODE)
         require(vae, "vae", NODE, NO_VAE)
         vae = require_type(vae, SD35VAE, "vae", NODE)

@@ -472,7 +472,7 @@ def controlnet(name: str, control: str, title: str) -> Workflow:
     latent = _size(prompt, ckpt)
     sample = prompt.next(340)
     apply = sample.add("SD35ControlNetApply", HEIGHTS["SD35ControlNetApply"], title="Apply ControlNet",
-                       strength=1.0, start_percent=0.0, end_percent=1.0, control_type=control, depth_invert="off")
+                       strength=1.0, start_percent=0.0, end_percent=1.0, control_type=control, depth_invert="auto")
     for source_node, out, inp in ((pos, "conditioning", "positive"), (neg, "conditioning", "negative"),
                                   (cn_loader, "control_net", "control_net"), (ckpt, "vae", "vae"),
                                   (prep, "image", "image")):

@@ -48,7 +48,7 @@ images re-queued on the others. Exit status: 0 all done, 1 some images failed (s
 130 interrupted.
 
 examples:
-  sd35 batch -w workflows/api/sd3.5_large.json -p prompts.txt -o out/
+  sd35 batch -w workflows/api/sd3.5_large_txt2img.json -p prompts.txt -o out/
   sd35 batch -w my_workflow.json -p prompts.csv -n 4 --seed 100 -s gpu1:8188 -s gpu2:8188 -o out/
   sd35 batch -w wf.json -p rows.jsonl --map style="Style Prompt.text" -o out/
 """
