@@ -1,7 +1,7 @@
 """`sd35 batch` against two real ComfyUI servers running this pack on tiny checkpoints.
 
 Needs ``COMFYUI_PATH`` (skipped, visibly, without it); the servers run with the Python that
-``test_comfyui_host.comfyui_python`` finds (``COMFYUI_PYTHON`` first). Both start on free loopback ports
+``comfyui_server.comfyui_python`` finds (``COMFYUI_PYTHON`` first). Both start on free loopback ports
 with ``--cpu``, their own temporary base directory (``custom_nodes`` holds a symlink to this pack) and the
 session's tiny model set through ``--extra-model-paths-config``. The client runs as a real subprocess
 (``python -m sd35_cli.batch``), so Ctrl-C is a real SIGINT and a dead server is a real SIGKILL.
@@ -19,13 +19,24 @@ import urllib.request
 import pytest
 
 from ..cli.batch_graphs import txt2img_api, ui_txt2img
-from .test_comfyui_host import COMFYUI_PATH, ROOT, comfyui_python, free_port
+from .comfyui_server import (
+    COMFYUI_PATH,
+    ROOT,
+    START_TIMEOUT,
+    free_port,
+    launch_comfyui,
+    stop_process,
+    wait_until_ready,
+    write_models_yaml,
+)
 
 pytestmark = pytest.mark.skipif(
     not COMFYUI_PATH, reason="COMFYUI_PATH is not set: the batch client's host tests need a ComfyUI checkout"
 )
 
-START_TIMEOUT = 180
+# The default runs of the client follow ComfyUI's progress over its websocket.
+pytest.importorskip("websocket", reason="websocket-client is needed to follow ComfyUI's progress")
+
 CLIENT_TIMEOUT = 240
 ROWS = 12
 
@@ -38,14 +49,7 @@ class Comfy:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = os.path.join(self.base, "comfyui.log")
-        os.makedirs(os.path.join(self.base, "custom_nodes"), exist_ok=True)
-        os.symlink(ROOT, os.path.join(self.base, "custom_nodes", "comfyui_sd35"))
-        cmd = [comfyui_python(), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--base-directory", self.base, "--extra-model-paths-config", str(models_yaml),
-               "--database-url", "sqlite:///:memory:", "--disable-auto-launch"]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SD35_")}
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(cmd, cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.proc = launch_comfyui(self.base, models_yaml, self.port, self.log_path)
 
     def log(self, tail=3000) -> str:
         with open(self.log_path, errors="replace") as f:
@@ -56,16 +60,7 @@ class Comfy:
             return json.loads(r.read())
 
     def wait_ready(self, deadline):
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"ComfyUI exited with {self.proc.returncode}; log:\n{self.log()}")
-            try:
-                self.get_json("/queue")
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"ComfyUI did not start in {START_TIMEOUT}s; log:\n{self.log()}") from None
-                time.sleep(0.5)
+        wait_until_ready(self.proc, lambda: self.get_json("/queue"), deadline, self.log)
 
     def our_prompts(self):
         """(running, pending) prompt ids queued by a batch client."""
@@ -77,23 +72,13 @@ class Comfy:
         return ours(q["queue_running"]), ours(q["queue_pending"])
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 @pytest.fixture(scope="module")
 def servers(tiny_models, tmp_path_factory):
     yaml = tmp_path_factory.mktemp("batch_models") / "extra_model_paths.yaml"
-    yaml.write_text(
-        "sd35_tiny:\n"
-        f"    base_path: {tiny_models.root}\n"
-        + "".join(f"    {f}: {f}\n" for f in ("checkpoints", "diffusion_models", "text_encoders", "vae", "controlnet"))
-    )
+    write_models_yaml(yaml, tiny_models.root)
     pair = []
     try:
         for name in ("a", "b"):  # both start at once; the wait below overlaps their start-up

@@ -1,6 +1,6 @@
 """The shipped workflows and the frontend extension in headless Chromium, against a real ComfyUI.
 
-Needs ``COMFYUI_PATH`` (the server comes from the host tests' ``server`` fixture: ComfyUI with this pack and tiny
+Needs ``COMFYUI_PATH`` (the server comes from the ``server`` fixture of conftest.py: ComfyUI with this pack and tiny
 checkpoints), the ``playwright`` Python package and Debian's Chromium at ``/usr/bin/chromium`` (or
 ``SD35_CHROMIUM``); each missing piece skips the module visibly. Playwright never downloads a browser here.
 
@@ -15,15 +15,12 @@ import uuid
 
 import pytest
 
-from .test_comfyui_host import COMFYUI_PATH, server  # noqa: F401  (the ComfyUI server fixture, shared)
+from .comfyui_server import COMFYUI_PATH, PACK_DIR, ROOT, SHARED
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKFLOWS = os.path.join(ROOT, "workflows")
-SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 CHROMIUM = os.environ.get("SD35_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-PACK_DIR = "comfyui_sd35"  # the folder name the server fixture gives the pack in custom_nodes
 EXTENSION_MARKERS = ("comfyui_sd35", "comfyui-sd35", "sd35.js", "/sd35/")
 TIMEOUT_MS = 120_000
 
@@ -31,6 +28,8 @@ pytestmark = [
     pytest.mark.skipif(not COMFYUI_PATH, reason="COMFYUI_PATH is not set: the browser test needs a ComfyUI checkout"),
     pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)"),
 ]
+# The `server` fixture (conftest.py) follows ComfyUI's progress over its websocket.
+pytest.importorskip("websocket", reason="websocket-client is needed to follow ComfyUI's progress")
 sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs the playwright package")
 
 WORKFLOW_NAMES = sorted(f[:-5] for f in os.listdir(WORKFLOWS) if f.endswith(".json"))
@@ -144,7 +143,7 @@ def artifacts(tmp_path_factory) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def browser(server, artifacts):  # noqa: F811  (server is the imported fixture)
+def browser(server, artifacts):
     upload_image(server.url, os.path.join(SHARED, "images", "canny.png"), "example.png")
     # A fresh ComfyUI user opens on the template dialog and then loads a starter graph of its own;
     # marking the tutorial as seen keeps that from racing with the workflows the tests load.
@@ -189,7 +188,7 @@ def load_json(*parts):
 
 # ------------------------------------------------------------------------------------------------- tests
 
-def test_extension_is_loaded_and_the_template_browser_lists_the_workflows(browser, server):  # noqa: F811
+def test_extension_is_loaded_and_the_template_browser_lists_the_workflows(browser, server):
     assert "comfyui-sd35" in browser.js("() => app.extensions.map((e) => e.name)")
     try:
         server.get("/sd35/defaults")
@@ -233,7 +232,7 @@ def test_workflow_loads_in_the_frontend(browser, name):
     assert browser.extension_errors(start) == []
 
 
-def test_preset_control_fills_the_recommended_settings(browser, server):  # noqa: F811
+def test_preset_control_fills_the_recommended_settings(browser, server):
     start = browser.mark()
     from sd35_core.defaults import defaults_json
 
@@ -267,7 +266,7 @@ def test_preset_control_fills_the_recommended_settings(browser, server):  # noqa
     assert browser.extension_errors(start) == []
 
 
-def test_tiny_txt2img_runs_and_the_extension_reports_the_model(browser, server):  # noqa: F811
+def test_tiny_txt2img_runs_and_the_extension_reports_the_model(browser, server):
     start = browser.mark()
     browser.load_workflow("sd3.5_medium_txt2img_slg")
     loader, sampler = browser.node_id("SD35CheckpointLoader"), browser.node_id("SD35Sampler")
@@ -342,7 +341,7 @@ def test_tiny_txt2img_runs_and_the_extension_reports_the_model(browser, server):
     assert browser.extension_errors(start) == []
 
 
-def test_controlnet_workflow_runs_and_detected_preset_uses_the_controlnet_settings(browser, server):  # noqa: F811
+def test_controlnet_workflow_runs_and_detected_preset_uses_the_controlnet_settings(browser, server):
     start = browser.mark()
     browser.load_workflow("sd3.5_large_controlnet_canny")
     loader, sampler = browser.node_id("SD35CheckpointLoader"), browser.node_id("SD35Sampler")

@@ -1,211 +1,27 @@
 """The pack inside a real ComfyUI server, driven through its HTTP API and websocket.
 
-Needs ``COMFYUI_PATH`` (a ComfyUI checkout; skipped, visibly, without it). The server runs with
-``COMFYUI_PYTHON`` if set, else the first existing ``bin/python`` of ``<COMFYUI_PATH>/venv``,
-``<COMFYUI_PATH>/.venv``, ``<COMFYUI_PATH>/../comfy-venv`` or ``<COMFYUI_PATH>/../../comfy-venv``, else this Python.
-It starts on a free loopback port with ``--cpu``, a temporary base directory whose ``custom_nodes`` holds a
-symlink to this pack, and tiny checkpoints in a temporary models folder given by
-``--extra-model-paths-config``. The ComfyUI checkout itself is not modified.
+Needs ``COMFYUI_PATH`` (a ComfyUI checkout; skipped, visibly, without it). The server is the ``server`` fixture of
+conftest.py: ComfyUI with this pack and tiny checkpoints, started as comfyui_server.py describes (the Python it
+runs with, its free loopback port, temporary base directory and models folder). The ComfyUI checkout itself is
+not modified.
 """
 
 import json
 import os
-import shutil
-import socket
 import subprocess
-import sys
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
-import uuid
 
 import numpy as np
 import pytest
 
 from ..nodes.conftest import load_pack
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SHARED = os.path.join(os.path.dirname(ROOT), "shared")
-COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
-START_TIMEOUT = 180
-RUN_TIMEOUT = 120
+from .comfyui_server import COMFYUI_PATH, comfyui_python
 
 pytestmark = pytest.mark.skipif(
     not COMFYUI_PATH, reason="COMFYUI_PATH is not set: the real-ComfyUI host tests need a ComfyUI checkout"
 )
 
-websocket = pytest.importorskip("websocket", reason="websocket-client is needed to follow ComfyUI's progress")
-
-
-def comfyui_python() -> str:
-    explicit = os.environ.get("COMFYUI_PYTHON")
-    if explicit:
-        return explicit
-    comfy = os.path.abspath(COMFYUI_PATH)
-    parent, grandparent = os.path.dirname(comfy), os.path.dirname(os.path.dirname(comfy))
-    for venv in (os.path.join(comfy, "venv"), os.path.join(comfy, ".venv"), os.path.join(parent, "comfy-venv"),
-                 os.path.join(grandparent, "comfy-venv")):
-        python = os.path.join(venv, "bin", "python")
-        if os.path.exists(python):
-            return python
-    return sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A running ComfyUI: HTTP helpers and a websocket that follows one prompt at a time."""
-
-    def __init__(self, proc: subprocess.Popen, port: int, base: str, models, log_path: str):
-        self.proc, self.port, self.base, self.models, self.log_path = proc, port, base, models, log_path
-        self.url = f"http://127.0.0.1:{port}"
-        self.client_id = uuid.uuid4().hex
-        self.ws = None
-
-    def log(self) -> str:
-        with open(self.log_path, errors="replace") as f:
-            return f.read()
-
-    def get(self, path: str) -> bytes:
-        with urllib.request.urlopen(self.url + path, timeout=30) as r:
-            return r.read()
-
-    def get_json(self, path: str):
-        return json.loads(self.get(path))
-
-    def post(self, path: str, data: dict):
-        req = urllib.request.Request(self.url + path, json.dumps(data).encode(),
-                                     {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as r:
-            body = r.read()
-        return json.loads(body) if body else None
-
-    def connect(self):
-        self.ws = websocket.create_connection(f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}",
-                                              timeout=RUN_TIMEOUT)
-
-    def queue(self, prompt: dict) -> str:
-        try:
-            return self.post("/prompt", {"prompt": prompt, "client_id": self.client_id})["prompt_id"]
-        except urllib.error.HTTPError as e:
-            raise AssertionError(f"prompt rejected: {e.read().decode(errors='replace')}") from None
-
-    def follow(self, prompt_id: str, on_progress=None) -> dict:
-        """Websocket events of one prompt until it finishes: status, progress, previews, error, interrupted."""
-        result = {"status": None, "progress": [], "previews": 0, "error": None, "interrupted": None}
-        deadline = time.monotonic() + RUN_TIMEOUT
-        while time.monotonic() < deadline:
-            msg = self.ws.recv()
-            if isinstance(msg, bytes):
-                result["previews"] += 1
-                continue
-            msg = json.loads(msg)
-            data = msg.get("data", {})
-            if data.get("prompt_id") not in (None, prompt_id):
-                continue
-            kind = msg["type"]
-            if kind == "progress":
-                result["progress"].append((data["value"], data["max"]))
-                if on_progress is not None:
-                    on_progress(data)
-            elif kind == "execution_error":
-                result["error"] = data
-            elif kind == "execution_interrupted":
-                result["interrupted"] = data
-            elif kind == "execution_success":
-                result["status"] = "success"
-            elif kind == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
-                if result["status"] is None:
-                    ended = "error" if result["error"] else "interrupted" if result["interrupted"] else "done"
-                    result["status"] = ended
-                return result
-        raise AssertionError(f"prompt {prompt_id} did not finish in {RUN_TIMEOUT}s; log:\n{self.log()[-3000:]}")
-
-    def run(self, prompt: dict, **kw) -> dict:
-        prompt_id = self.queue(prompt)
-        result = self.follow(prompt_id, **kw)
-        result["prompt_id"] = prompt_id
-        return result
-
-    def images(self, prompt_id: str) -> list[np.ndarray]:
-        """The saved images of a finished prompt, fetched through /history and /view, as uint8 arrays."""
-        from io import BytesIO
-
-        from PIL import Image
-
-        history = self.get_json(f"/history/{prompt_id}")[prompt_id]
-        arrays = []
-        for output in history["outputs"].values():
-            for img in output.get("images", []):
-                query = urllib.parse.urlencode({k: img[k] for k in ("filename", "subfolder", "type")})
-                png = self.get(f"/view?{query}")
-                arrays.append(np.asarray(Image.open(BytesIO(png)).convert("RGB")))
-        return arrays
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from PIL import Image
-
-    from sd35_core.tiny import write_tiny_model_set
-
-    base = tmp_path_factory.mktemp("comfy_base")
-    models = write_tiny_model_set(tmp_path_factory.mktemp("comfy_models"), seed=0)
-    corrupt = os.path.join(models.root, "checkpoints", "corrupt.safetensors")
-    shutil.copy(models.checkpoints["sd3.5_medium"], corrupt)
-    with open(corrupt, "r+b") as f:
-        f.truncate(os.path.getsize(corrupt) // 2)
-    os.makedirs(base / "custom_nodes")
-    os.symlink(ROOT, base / "custom_nodes" / "comfyui_sd35")
-    os.makedirs(base / "input")
-    photo = Image.open(os.path.join(SHARED, "images", "canny.png")).convert("RGB").resize((64, 64))
-    photo.save(base / "input" / "photo.png")
-    yaml = base / "extra_model_paths.yaml"
-    yaml.write_text(
-        "sd35_tiny:\n"
-        f"    base_path: {models.root}\n"
-        + "".join(f"    {f}: {f}\n" for f in ("checkpoints", "diffusion_models", "text_encoders", "vae", "controlnet"))
-    )
-    port = free_port()
-    log_path = str(base / "comfyui.log")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SD35_")}  # tokenizers come from ComfyUI
-    cmd = [comfyui_python(), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-           "--base-directory", str(base), "--extra-model-paths-config", str(yaml),
-           "--output-directory", str(base / "output"), "--database-url", "sqlite:///:memory:",
-           "--preview-method", "latent2rgb", "--disable-auto-launch"]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT, env=env)
-    srv = Server(proc, port, str(base), models, log_path)
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"ComfyUI exited with {proc.returncode}; log:\n{srv.log()[-5000:]}")
-            try:
-                srv.get("/system_stats")
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise AssertionError(
-                        f"ComfyUI did not start in {START_TIMEOUT}s; log:\n{srv.log()[-5000:]}"
-                    ) from None
-                time.sleep(0.5)
-        srv.connect()
-        yield srv
-    finally:
-        if srv.ws is not None:
-            srv.ws.close()
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+# The `server` fixture (conftest.py) follows ComfyUI's progress over its websocket.
+pytest.importorskip("websocket", reason="websocket-client is needed to follow ComfyUI's progress")
 
 
 # ------------------------------------------------------------------------------------------------- graphs

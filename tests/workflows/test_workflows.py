@@ -292,7 +292,7 @@ print("CORE_NODES_JSON " + json.dumps(out, default=repr))
 @pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="COMFYUI_PATH is not set: core nodes are checked "
                     "against the committed list only")
 def test_core_node_list_matches_the_comfyui_checkout():
-    from ..host.test_comfyui_host import comfyui_python  # the host tests' choice of ComfyUI's Python
+    from ..host.comfyui_server import comfyui_python  # the host tests' choice of ComfyUI's Python
 
     comfyui = os.environ["COMFYUI_PATH"]
     run = subprocess.run([comfyui_python(), "-c", DUMP_CORE_NODES], input=json.dumps(sorted(CORE_NODES)),

@@ -1,0 +1,36 @@
+"""Fixtures for the host tests: a real ComfyUI with this pack and tiny checkpoints (see comfyui_server.py).
+
+The test modules skip themselves, visibly, without ``COMFYUI_PATH``; a fixture here starts nothing until a test
+that is not skipped asks for it.
+"""
+
+import os
+import shutil
+
+import pytest
+
+from .comfyui_server import SHARED, start_server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A ComfyUI for one test module, with the tiny model set, a truncated ``corrupt.safetensors`` checkpoint
+    and a 64x64 ``photo.png`` in its input folder."""
+    from PIL import Image
+
+    from sd35_core.tiny import write_tiny_model_set
+
+    base = tmp_path_factory.mktemp("comfy_base")
+    models = write_tiny_model_set(tmp_path_factory.mktemp("comfy_models"), seed=0)
+    corrupt = os.path.join(models.root, "checkpoints", "corrupt.safetensors")
+    shutil.copy(models.checkpoints["sd3.5_medium"], corrupt)
+    with open(corrupt, "r+b") as f:
+        f.truncate(os.path.getsize(corrupt) // 2)
+    os.makedirs(base / "input")
+    photo = Image.open(os.path.join(SHARED, "images", "canny.png")).convert("RGB").resize((64, 64))
+    photo.save(base / "input" / "photo.png")
+    srv = start_server(base, models)
+    try:
+        yield srv
+    finally:
+        srv.close()
