@@ -146,7 +146,7 @@ class ControlBlock(DismantledBlock):
         self.heads = heads
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        qkv, _, mods = self.pre_attention(x, c)
+        qkv, mods, _ = self.pre_attention(x, c)
         return self.post_attention(x, ops.attention(*qkv, self.heads), None, mods)
 
 

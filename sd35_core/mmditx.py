@@ -216,14 +216,14 @@ class DismantledBlock(nn.Module):
         self.adaLN_modulation = _adaln(hidden, self.n_mods, device, dtype)
 
     def pre_attention(self, x: torch.Tensor, c: torch.Tensor):
+        """``(q, k, v)`` of the main attention, the modulations, and the normed input (for :meth:`attn2_qkv`)."""
         # mods: shift, scale, gate (attention); shift, scale, gate (MLP); shift, scale, gate (attn2)
         mods = self.adaLN_modulation(c).unsqueeze(1).chunk(self.n_mods, dim=-1)
         x_norm = self.norm1(x)
-        qkv = self.attn.pre_attention(_modulate(x_norm, mods[0], mods[1]))
-        qkv2 = None
-        if self.attn2 is not None:
-            qkv2 = self.attn2.pre_attention(_modulate(x_norm, mods[6], mods[7]))
-        return qkv, qkv2, mods
+        return self.attn.pre_attention(_modulate(x_norm, mods[0], mods[1])), mods, x_norm
+
+    def attn2_qkv(self, x_norm: torch.Tensor, mods) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.attn2.pre_attention(_modulate(x_norm, mods[6], mods[7]))
 
     def post_attention(self, x: torch.Tensor, attn: torch.Tensor, attn2: torch.Tensor | None, mods) -> torch.Tensor:
         # The first sum is a new tensor, so the later residual adds can run in place on it.
@@ -260,16 +260,23 @@ class JointBlock(nn.Module):
     def forward(
         self, context: torch.Tensor, x: torch.Tensor, c: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        ctx_qkv, _, ctx_mods = self.context_block.pre_attention(context, c)
-        x_qkv, x_qkv2, x_mods = self.x_block.pre_attention(x, c)
+        # Peak memory is set here: each intermediate is dropped as soon as what follows no longer needs it,
+        # and attn2's q, k, v are made only after the joint attention, never alive together with its own.
+        ctx_qkv, ctx_mods, _ = self.context_block.pre_attention(context, c)
+        x_qkv, x_mods, x_norm = self.x_block.pre_attention(x, c)
         q, k, v = (torch.cat(pair, dim=1) for pair in zip(ctx_qkv, x_qkv, strict=True))
+        del ctx_qkv, x_qkv
         attn = ops.attention(q, k, v, self.heads)
+        del q, k, v
         n_ctx = context.shape[1]
         if self.context_block.pre_only:
             context = None
         else:
             context = self.context_block.post_attention(context, attn[:, :n_ctx], None, ctx_mods)
-        attn2 = None if x_qkv2 is None else ops.attention(*x_qkv2, self.heads)
+        attn2 = None
+        if self.x_block.attn2 is not None:
+            attn2 = ops.attention(*self.x_block.attn2_qkv(x_norm, x_mods), self.heads)
+        del x_norm
         return context, self.x_block.post_attention(x, attn[:, n_ctx:], attn2, x_mods)
 
 
