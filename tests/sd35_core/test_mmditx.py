@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers import SD3Transformer2DModel
 
+from bench.diffusers_convert import to_diffusers  # our (official) keys -> diffusers'; every key used
 from sd35_core import ops
 from sd35_core.checkpoint import CheckpointError, DTypePolicy, load_weights, open_safetensors
 from sd35_core.mmditx import JointState, MMDiTConfig, MMDiTX
@@ -70,58 +71,6 @@ def _inputs(cfg: MMDiTConfig, hw=(8, 8), batch: int = 2, seed: int = 1):
     context = torch.randn(batch, 5, cfg.context_dim, generator=gen)
     y = torch.randn(batch, cfg.pooled_dim, generator=gen)
     return x, t, context, y
-
-
-def _swap_shift_scale(t: torch.Tensor) -> torch.Tensor:
-    # Our adaLN order is (shift, scale); diffusers' AdaLayerNormContinuous expects (scale, shift).
-    shift, scale = t.chunk(2)
-    return torch.cat([scale, shift])
-
-
-def to_diffusers(state: dict[str, torch.Tensor], cfg: MMDiTConfig) -> dict[str, torch.Tensor]:
-    """Our (= official) keys to SD3Transformer2DModel keys; every one of our keys must be consumed."""
-    sd = dict(state)
-    out: dict[str, torch.Tensor] = {"pos_embed.pos_embed": sd.pop("pos_embed")}
-    for p in ("weight", "bias"):
-        out[f"pos_embed.proj.{p}"] = sd.pop(f"x_embedder.proj.{p}")
-        out[f"context_embedder.{p}"] = sd.pop(f"context_embedder.{p}")
-        for ours, theirs in (("t_embedder", "timestep_embedder"), ("y_embedder", "text_embedder")):
-            out[f"time_text_embed.{theirs}.linear_1.{p}"] = sd.pop(f"{ours}.mlp.0.{p}")
-            out[f"time_text_embed.{theirs}.linear_2.{p}"] = sd.pop(f"{ours}.mlp.2.{p}")
-        out[f"proj_out.{p}"] = sd.pop(f"final_layer.linear.{p}")
-        out[f"norm_out.linear.{p}"] = _swap_shift_scale(sd.pop(f"final_layer.adaLN_modulation.1.{p}"))
-        for i in range(cfg.depth):
-            src, dst = f"joint_blocks.{i}.", f"transformer_blocks.{i}."
-            last = i == cfg.depth - 1
-            streams = [("x_block.attn", "attn.to_"), ("context_block.attn", "attn.add_")]
-            if i in cfg.x_block_self_attn_layers:
-                streams.append(("x_block.attn2", "attn2.to_"))
-            for ours, theirs in streams:
-                q, k, v = sd.pop(f"{src}{ours}.qkv.{p}").chunk(3)
-                suffix = "" if theirs.endswith("to_") else "_proj"
-                out.update({f"{dst}{theirs}{n}{suffix}.{p}": w for n, w in zip("qkv", (q, k, v), strict=True)})
-            out[f"{dst}attn.to_out.0.{p}"] = sd.pop(f"{src}x_block.attn.proj.{p}")
-            if i in cfg.x_block_self_attn_layers:
-                out[f"{dst}attn2.to_out.0.{p}"] = sd.pop(f"{src}x_block.attn2.proj.{p}")
-            out[f"{dst}norm1.linear.{p}"] = sd.pop(f"{src}x_block.adaLN_modulation.1.{p}")
-            ctx_mod = sd.pop(f"{src}context_block.adaLN_modulation.1.{p}")
-            out[f"{dst}norm1_context.linear.{p}"] = _swap_shift_scale(ctx_mod) if last else ctx_mod
-            out[f"{dst}ff.net.0.proj.{p}"] = sd.pop(f"{src}x_block.mlp.fc1.{p}")
-            out[f"{dst}ff.net.2.{p}"] = sd.pop(f"{src}x_block.mlp.fc2.{p}")
-            if not last:
-                out[f"{dst}attn.to_add_out.{p}"] = sd.pop(f"{src}context_block.attn.proj.{p}")
-                out[f"{dst}ff_context.net.0.proj.{p}"] = sd.pop(f"{src}context_block.mlp.fc1.{p}")
-                out[f"{dst}ff_context.net.2.{p}"] = sd.pop(f"{src}context_block.mlp.fc2.{p}")
-    if cfg.qk_norm:
-        for i in range(cfg.depth):
-            src, dst = f"joint_blocks.{i}.", f"transformer_blocks.{i}."
-            for n in ("q", "k"):
-                out[f"{dst}attn.norm_{n}.weight"] = sd.pop(f"{src}x_block.attn.ln_{n}.weight")
-                out[f"{dst}attn.norm_added_{n}.weight"] = sd.pop(f"{src}context_block.attn.ln_{n}.weight")
-                if i in cfg.x_block_self_attn_layers:
-                    out[f"{dst}attn2.norm_{n}.weight"] = sd.pop(f"{src}x_block.attn2.ln_{n}.weight")
-    assert not sd, f"keys with no diffusers counterpart: {sorted(sd)}"
-    return out
 
 
 def assert_close(ours: torch.Tensor, theirs: torch.Tensor, tol: float = 1e-4) -> None:
