@@ -1,7 +1,7 @@
 """ComfyUI node classes over sd35_core. Class names are public API (saved workflows refer to them)."""
 
 from .controlnet import SD35BlurPreprocessor, SD35CannyPreprocessor, SD35ControlNetApply, SD35DepthNormalize
-from .latent_vae import SD35EmptyLatent, SD35VAEDecode, SD35VAEEncode
+from .latent_vae import SD35EmptyLatent, SD35VAEDecode, SD35VAEEncode, SD35VAEEncodeForInpaint
 from .loaders import SD35CheckpointLoader, SD35ControlNetLoader, SD35TextEncoderLoader, SD35VAELoader
 from .sampling import SD35Sampler
 from .text import SD35TextEncode
@@ -16,6 +16,7 @@ NODE_CLASS_MAPPINGS = {
     "SD35Sampler": SD35Sampler,
     "SD35VAEDecode": SD35VAEDecode,
     "SD35VAEEncode": SD35VAEEncode,
+    "SD35VAEEncodeForInpaint": SD35VAEEncodeForInpaint,
     "SD35ControlNetApply": SD35ControlNetApply,
     "SD35CannyPreprocessor": SD35CannyPreprocessor,
     "SD35BlurPreprocessor": SD35BlurPreprocessor,
@@ -32,6 +33,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SD35Sampler": "SD3.5 Sampler (CFG + Skip-Layer Guidance)",
     "SD35VAEDecode": "SD3.5 VAE Decode",
     "SD35VAEEncode": "SD3.5 VAE Encode",
+    "SD35VAEEncodeForInpaint": "SD3.5 VAE Encode (for Inpainting)",
     "SD35ControlNetApply": "SD3.5 Apply ControlNet",
     "SD35CannyPreprocessor": "SD3.5 Canny (ControlNet preprocessor)",
     "SD35BlurPreprocessor": "SD3.5 Blur (ControlNet preprocessor)",
