@@ -30,14 +30,15 @@ Prompts file (format from the extension, or --format):
   .txt    one prompt a line (blank lines and lines starting with # are skipped)
   .csv    a header row; .tsv the same with tabs
   .jsonl  one JSON object a line
-Columns: prompt, negative, seed, steps, cfg, width, height, denoise, control_image, init_image (image
-paths are relative to the prompts file). Empty cells keep the workflow's value. Other columns need --map.
+Columns: prompt, negative, seed, steps, cfg, width, height, denoise, control_image, init_image, mask_image
+(image paths are relative to the prompts file; a mask is white = repaint, or the transparent part of an
+image). Empty cells keep the workflow's value. Other columns need --map.
 
 Where columns go: found from the graph for the shipped workflows and most others (the sampler's seed,
 steps, cfg, denoise; the text encoder behind its positive and negative inputs; the empty latent's size;
-the Load Image behind a ControlNet or an image-to-image encode). --map COLUMN=NodeTitle.input overrides
-that or adds columns (a node title, a node id, or a node type used once); repeat it to write a column
-to several inputs.
+the Load Image behind a ControlNet, an image-to-image encode or an inpainting mask). --map
+COLUMN=NodeTitle.input overrides that or adds columns (a node title, a node id, or a node type used once);
+repeat it to write a column to several inputs.
 
 Seeds: each row is drawn --seeds-per-prompt times with seeds s, s+1, ..., where s is the row's seed
 column, else --seed, else the seed saved in the workflow.

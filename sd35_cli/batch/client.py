@@ -10,7 +10,6 @@ from __future__ import annotations
 import http.client
 import json
 import mimetypes
-import os
 import queue
 import socket
 import threading
@@ -179,7 +178,10 @@ class ComfyClient:
     def upload_image(self, path: str, name: str, subfolder: str = "") -> str:
         """Upload a local image to the server's input folder; returns the value image loaders take."""
         with open(path, "rb") as f:
-            content = f.read()
+            return self.upload_bytes(f.read(), name, subfolder)
+
+    def upload_bytes(self, content: bytes, name: str, subfolder: str = "") -> str:
+        """Upload image file bytes as ``name`` to the server's input folder; returns what image loaders take."""
         boundary = uuid.uuid4().hex
         ctype = mimetypes.guess_type(name)[0] or "application/octet-stream"
         fields = {"type": "input", "subfolder": subfolder, "overwrite": "true"}
@@ -192,7 +194,7 @@ class ComfyClient:
                                     {"Content-Type": f"multipart/form-data; boundary={boundary}"},
                                     timeout=max(self.timeout, 120.0))
         if status != 200:
-            raise ServerError(f"{self.label}: uploading {os.path.basename(path)} answered HTTP {status}")
+            raise ServerError(f"{self.label}: uploading {name} answered HTTP {status}")
         answer = json.loads(data)
         sub = answer.get("subfolder") or ""
         return f"{sub}/{answer['name']}" if sub else answer["name"]

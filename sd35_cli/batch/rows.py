@@ -30,6 +30,7 @@ COLUMNS: dict[str, str] = {
     "denoise": "float",
     "control_image": "path",
     "init_image": "path",
+    "mask_image": "path",
 }
 PATH_COLUMNS = frozenset(c for c, kind in COLUMNS.items() if kind == "path")
 FORMATS = ("txt", "csv", "tsv", "jsonl")

@@ -40,6 +40,7 @@ class PreparedJob:
     fingerprint: str
     uploads: dict[str, str] = field(default_factory=dict)  # local path -> name in the upload subfolder
     error: str | None = None  # a problem with this row's values: recorded, never queued
+    made: dict[str, bytes] = field(default_factory=dict)  # name in the upload subfolder -> PNG made for the row
 
     @property
     def key(self) -> str:
@@ -60,15 +61,49 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
+def _made_mask(settings: dict[str, Any], with_image: bool, cache: dict[tuple, tuple[str, bytes]]) -> tuple[str, bytes]:
+    """The PNG uploaded for a row's ``mask_image`` (see :mod:`.masks`); sets the columns it replaces."""
+    from .masks import image_with_mask_png, mask_png
+
+    mask = settings["mask_image"]
+    image = settings.get("init_image") if with_image else None
+    if with_image and image is None:
+        raise ValueError("column 'mask_image': the Load Image node it goes to also gives the picture (the mask "
+                         "is that picture's alpha), so the row needs an init_image too")
+    key = (image, mask)
+    if key not in cache:
+        content = image_with_mask_png(image, mask) if with_image else mask_png(mask)
+        stem = os.path.splitext(os.path.basename(image or mask))[0]
+        cache[key] = (f"{hashlib.sha256(content).hexdigest()[:16]}_{stem}_masked.png", content)
+    name, content = cache[key]
+    settings["mask_image"] = f"{UPLOAD_SUBFOLDER}/{name}"
+    if with_image:
+        settings["init_image"] = settings["mask_image"]
+    return name, content
+
+
 def prepare_jobs(api: Mapping[str, Any], targets: Mapping[str, Sequence[Target]], jobs: Sequence[Job],
                  object_info: Mapping[str, Any] | None = None) -> list[PreparedJob]:
     """Patch the workflow for every job. A value that does not fit its input makes that job an error."""
+    from .masks import loader_gives_the_image
+
     digests: dict[str, str] = {}
+    made_cache: dict[tuple, tuple[str, bytes]] = {}
+    mask_with_image = "mask_image" in targets and loader_gives_the_image(api, targets)
     out = []
     for job in jobs:
         settings = dict(job.settings)
-        uploads = {}
-        for column in sorted(PATH_COLUMNS & settings.keys()):
+        uploads, made = {}, {}
+        try:
+            if "mask_image" in settings:
+                name, content = _made_mask(settings, mask_with_image, made_cache)
+                made[name] = content
+        except ValueError as e:
+            out.append(PreparedJob(job, None, fingerprint(settings), error=str(e)))
+            continue
+        for column in sorted((PATH_COLUMNS - {"mask_image"}) & settings.keys()):
+            if made and column == "init_image" and mask_with_image:
+                continue  # the picture travels inside the made PNG
             path = settings[column]
             if path not in digests:
                 digests[path] = file_digest(path)
@@ -76,9 +111,9 @@ def prepare_jobs(api: Mapping[str, Any], targets: Mapping[str, Sequence[Target]]
             settings[column] = f"{UPLOAD_SUBFOLDER}/{uploads[path]}"
         try:
             prompt = apply_settings(api, targets, settings, object_info)
-            out.append(PreparedJob(job, prompt, fingerprint(prompt), uploads))
+            out.append(PreparedJob(job, prompt, fingerprint(prompt), uploads, made=made))
         except ValueError as e:
-            out.append(PreparedJob(job, None, fingerprint(settings), uploads, error=str(e)))
+            out.append(PreparedJob(job, None, fingerprint(settings), uploads, error=str(e), made=made))
     return out
 
 
@@ -229,6 +264,14 @@ class BatchRun:
             value = s.client.upload_image(path, name, UPLOAD_SUBFOLDER)
             if value != f"{UPLOAD_SUBFOLDER}/{name}":
                 raise ServerError(f"{s.client.label} stored the upload of {path} as {value!r}, "
+                                  f"not {UPLOAD_SUBFOLDER}/{name}")
+            s.uploaded.add(name)
+        for name, content in job.made.items():
+            if name in s.uploaded:
+                continue
+            value = s.client.upload_bytes(content, name, UPLOAD_SUBFOLDER)
+            if value != f"{UPLOAD_SUBFOLDER}/{name}":
+                raise ServerError(f"{s.client.label} stored the upload of {name} as {value!r}, "
                                   f"not {UPLOAD_SUBFOLDER}/{name}")
             s.uploaded.add(name)
 

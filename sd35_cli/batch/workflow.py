@@ -10,8 +10,8 @@ widget it drives, and ``widgets_values`` are matched to the node's widget inputs
 
 Columns of the prompts file reach node inputs through :class:`Target` lists: by default found from the
 graph (the sampler's seed/steps/cfg/denoise, the text encoder on its positive and negative paths, the empty
-latent's size (or the scale of an image-to-image input), the image loaders behind a ControlNet or an
-image-to-image encode), or given explicitly as
+latent's size (or the scale of an image-to-image input), the image loaders behind a ControlNet, an
+image-to-image encode or an inpainting mask), or given explicitly as
 ``--map COLUMN=NodeTitle.input`` (a title, a node id, or a node type that occurs once).
 """
 
@@ -56,6 +56,14 @@ TEXT_ENCODERS: dict[str, tuple[str, ...]] = {
 LATENT_SOURCES = frozenset({"SD35EmptyLatent", "EmptySD3LatentImage", "EmptyLatentImage"})
 IMAGE_SIZERS = frozenset({"ImageScale"})  # image-to-image: the size the input image is scaled to
 IMAGE_LOADERS: dict[str, str] = {"LoadImage": "image"}
+MASK_LOADERS: dict[str, str] = {"LoadImage": "image", "LoadImageMask": "image"}
+# Nodes that take an inpainting mask: type -> the MASK input.
+MASK_CONSUMERS: dict[str, str] = {
+    "SD35VAEEncodeForInpaint": "mask",
+    "VAEEncodeForInpaint": "mask",
+    "SetLatentNoiseMask": "mask",
+    "InpaintModelConditioning": "mask",
+}
 CONTROL_APPLIES: dict[str, str] = {
     "SD35ControlNetApply": "image",
     "ControlNetApplySD3": "image",
@@ -507,6 +515,15 @@ def default_targets(api: Mapping[str, Mapping[str, Any]], column: str,
                 start = api[nid]["inputs"].get(CONTROL_APPLIES[ct])
                 ids += [f for f in _trace(api, object_info, start, frozenset({"IMAGE"}), IMAGE_LOADERS) if f not in ids]
         return [Target(nid, IMAGE_LOADERS[api[nid]["class_type"]]) for nid in ids]
+    if column == "mask_image":
+        ids = []
+        for nid in sorted(api, key=_node_order):
+            ct = api[nid].get("class_type")
+            if ct in MASK_CONSUMERS:
+                start = api[nid]["inputs"].get(MASK_CONSUMERS[ct])
+                ids += [f for f in _trace(api, object_info, start, frozenset({"MASK", "IMAGE"}), MASK_LOADERS)
+                        if f not in ids]
+        return [Target(nid, MASK_LOADERS[api[nid]["class_type"]]) for nid in ids]
     return []
 
 
@@ -560,7 +577,7 @@ def resolve_targets(api: Mapping[str, Mapping[str, Any]], columns: Sequence[str]
         if not found:
             raise WorkflowError(f"column {column!r} has no place in this workflow; say where it goes with "
                                 f"--map {column}=NodeTitle.input")
-        if column in ("prompt", "negative", "control_image", "init_image", "width", "height"):
+        if column in ("prompt", "negative", "control_image", "init_image", "mask_image", "width", "height"):
             nodes = sorted({t.node for t in found}, key=_node_order)
             if len(nodes) > 1:
                 raise WorkflowError(f"column {column!r} could go to {len(nodes)} nodes ("

@@ -69,6 +69,8 @@ def info():
                           "Save Image", output_node=True),
         "LoadImage": core({"image": [["canny.png", "photo.png"], {"image_upload": True}]}, ["IMAGE", "MASK"],
                           "Load Image"),
+        "LoadImageMask": core({"image": [["canny.png", "photo.png"], {"image_upload": True}],
+                               "channel": [["alpha", "red", "green", "blue"], {}]}, ["MASK"], "Load Image (as Mask)"),
         "ConditioningZeroOut": core({"conditioning": ["CONDITIONING", {}]}, ["CONDITIONING"], "ConditioningZeroOut"),
         "CLIPTextEncode": core({"text": ["STRING", {"multiline": True}], "clip": ["CLIP", {}]}, ["CONDITIONING"],
                                "CLIP Text Encode (Prompt)"),
@@ -248,6 +250,81 @@ def test_img2img_graph_finds_the_init_image_and_has_no_size(info):
     api["30"] = {"class_type": "LoadImage", "inputs": {"image": "photo.png"}}
     assert default_targets(api, "init_image", info) == [Target("30", "image")]
     assert default_targets(api, "width", info) == []
+
+
+def inpaint_api(separate_mask=False):
+    """Image and painted mask from one LoadImage (node 30), or the mask from its own LoadImageMask (node 31)."""
+    api = txt2img_api()
+    api["30"] = {"class_type": "LoadImage", "inputs": {"image": "photo.png"}}
+    mask = ["31", 0] if separate_mask else ["30", 1]
+    api["5"] = {"class_type": "SD35VAEEncodeForInpaint",
+                "inputs": {"pixels": ["30", 0], "vae": ["1", 2], "mask": mask, "grow_mask_by": 6}}
+    if separate_mask:
+        api["31"] = {"class_type": "LoadImageMask", "inputs": {"image": "photo.png", "channel": "alpha"}}
+    return api
+
+
+def _png_array(content):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(content)))
+
+
+def _mask_files(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rgb = np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    Image.fromarray(rgb, "RGB").save(tmp_path / "photo.png")
+    mask = np.zeros((12, 16), np.uint8)  # half the photo's size: resized to it
+    mask[3:9, 4:12] = 255
+    Image.fromarray(mask, "L").save(tmp_path / "mask.png")
+    return rgb, mask
+
+
+def test_an_inpaint_graph_finds_the_mask_loader(info):
+    assert default_targets(inpaint_api(), "mask_image", info) == [Target("30", "image")]
+    assert default_targets(inpaint_api(separate_mask=True), "mask_image", info) == [Target("31", "image")]
+    assert default_targets(txt2img_api(), "mask_image", info) == []
+
+
+def test_a_mask_for_the_image_loader_is_uploaded_as_the_pictures_alpha(info, tmp_path):
+    rgb, mask = _mask_files(tmp_path)
+    api = inpaint_api()
+    targets = resolve_targets(api, ["init_image", "mask_image"], object_info=info)
+    row = {"init_image": str(tmp_path / "photo.png"), "mask_image": str(tmp_path / "mask.png")}
+    (job,) = prepare_jobs(api, targets, [Job(Row(0, 2, row), 0, None, row)], info)
+    assert job.error is None and job.uploads == {}
+    ((name, content),) = job.made.items()
+    assert job.prompt["30"]["inputs"]["image"] == f"sd35_batch/{name}" and name.endswith("_photo_masked.png")
+    png = _png_array(content)
+    assert png.shape == (24, 32, 4) and (png[..., :3] == rgb).all()
+    # LoadImage reads MASK = 1 - alpha: the mask, upscaled 2x bilinearly (edges half-way).
+    assert png[8:16, 10:22, 3].max() == 0 and png[:4, :, 3].min() == 255
+    no_image = {"mask_image": str(tmp_path / "mask.png")}
+    (bad,) = prepare_jobs(api, targets, [Job(Row(1, 3, no_image), 0, None, no_image)], info)
+    assert bad.prompt is None and "needs an init_image too" in bad.error
+
+
+def test_a_mask_for_its_own_loader_reads_the_same_through_alpha_or_grey(info, tmp_path):
+    _, mask = _mask_files(tmp_path)
+    api = inpaint_api(separate_mask=True)
+    targets = resolve_targets(api, ["mask_image"], object_info=info)
+    row = {"mask_image": str(tmp_path / "mask.png")}
+    (job,) = prepare_jobs(api, targets, [Job(Row(0, 2, row), 0, None, row)], info)
+    ((name, content),) = job.made.items()
+    assert job.prompt["31"]["inputs"]["image"] == f"sd35_batch/{name}" and job.prompt["30"]["inputs"]["image"] == \
+        "photo.png"
+    png = _png_array(content)
+    assert (png[..., 0] == mask).all() and (png[..., 3] == 255 - mask).all()
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    row = {"mask_image": str(empty)}
+    (bad,) = prepare_jobs(api, targets, [Job(Row(1, 3, row), 0, None, row)], info)
+    assert bad.prompt is None and "empty.png: the file is empty" in bad.error
 
 
 def test_comfyui_native_graph_and_a_negative_made_from_the_positive(info):
