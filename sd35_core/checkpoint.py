@@ -17,6 +17,7 @@ from safetensors import safe_open
 from torch import nn
 
 from . import ops
+from .gguf.tensor import QuantizedTensor
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
@@ -87,6 +88,12 @@ def open_safetensors(path: str | os.PathLike) -> SafetensorsFile:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        if f.read(4) == b"GGUF":
+            raise CheckpointError(
+                f"{path}: expected a .safetensors file; this is a GGUF file, which loads only as an SD3/SD3.5 "
+                "diffusion model (the checkpoint loader); VAEs, text encoders and ControlNets load from .safetensors"
+            )
     if path.lower().endswith(PICKLE_SUFFIXES):
         raise CheckpointError(
             f"{path}: pickle checkpoints ({', '.join(PICKLE_SUFFIXES)}) can run arbitrary code and are not "
@@ -142,6 +149,8 @@ def load_weights(
 ) -> nn.Module:
     """Fill ``module`` (built on the meta device or anywhere) with the tensors under ``prefix``.
 
+    ``file`` is a :class:`SafetensorsFile` or a GGUF file with the same interface; GGUF-quantized linear
+    weights stay quantized (see :func:`ops.store_quantized_weight`), whatever ``policy.storage`` says.
     ``key_map`` renames file keys (without prefix) to module keys. Module keys listed in ``optional`` may
     be absent from the file and keep their constructed values (buffers such as constant position grids).
     A missing or misshaped tensor is a :class:`CheckpointError` naming the file and the key.
@@ -167,6 +176,15 @@ def load_weights(
                 f"'{src}' of shape {tuple(target.shape)} for {type(module).__name__}; found {file.shape(src)}"
             )
         t = file.tensor(src)
+        if isinstance(t, QuantizedTensor):
+            layer_name, _, leaf = name.rpartition(".")
+            layer = module.get_submodule(layer_name)
+            if leaf == "weight" and isinstance(layer, ops.Linear):
+                ops.store_quantized_weight(layer, t.to(device))
+                state[name] = layer.weight
+                continue
+            # Anything else quantized (converters keep such tensors dense; some may not) is small: dense now.
+            t = t.dequantize(torch.float32)
         if t.is_floating_point():
             dtype = policy.storage if name in fp8_keys else policy.compute
             if policy.storage != torch.float8_e4m3fn:

@@ -3,7 +3,8 @@
 Every official layout is detected by key names, never by file name: single files with the diffusion model
 under ``model.diffusion_model.`` and the VAE under ``first_stage_model.`` (optionally bundling the text
 encoders under ``text_encoders.*.transformer.``), bare diffusion models, HF-layout text encoder files, and
-Stability's ControlNet release files.
+Stability's ControlNet release files. GGUF files (told apart by their content) hold a bare diffusion
+model whose quantized weights stay quantized in memory.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from .checkpoint import CheckpointError, DTypePolicy, SafetensorsFile, find_pref
 from .clip import CLIPConfig, CLIPTextModel
 from .controlnet import LOAD_KEY_MAP as CONTROLNET_KEY_MAP
 from .controlnet import ControlNet, ControlNetConfig, check_controlnet_fits
+from .gguf.reader import GGUFFile, is_gguf
+from .gguf.sd3 import open_sd3_gguf
 from .mmditx import MMDiTConfig, MMDiTX
 from .t5 import T5Config, T5Encoder
 from .vae import VAE, VAEConfig
@@ -136,8 +139,18 @@ def _load_mmdit(file: SafetensorsFile, prefix: str, policy: DTypePolicy, device)
     mmdit.compute_dtype = policy.compute
     variant = detect_variant(config, file.metadata)
     log.info("%s: %s, depth %d, hidden %d, %s", file.name, VARIANT_LABELS[variant], config.depth,
-             config.hidden_size, policy.storage)
+             config.hidden_size, _storage_summary(file, prefix, policy))
     return DiffusionModel(mmdit, config, variant, file.path, policy)
+
+
+def _storage_summary(file, prefix: str, policy: DTypePolicy) -> str:
+    if not isinstance(file, GGUFFile):
+        return str(policy.storage)
+    counts: dict[str, int] = {}
+    for key, info in file.tensors.items():
+        if key.startswith(prefix):
+            counts[info.qtype.name] = counts.get(info.qtype.name, 0) + 1
+    return "GGUF " + ", ".join(f"{n} x{c}" for n, c in sorted(counts.items()))
 
 
 def _load_vae(file: SafetensorsFile, prefix: str, policy: DTypePolicy, device) -> VAE:
@@ -169,11 +182,17 @@ def load_checkpoint(
 ) -> ModelParts:
     """Load every part a checkpoint holds: diffusion model (required), VAE and text encoders when bundled.
 
+    A GGUF file holds the diffusion model only; its quantized weights stay quantized and are dequantized
+    in ``dtype``'s compute dtype when each layer runs (its F16/F32 tensors follow ``dtype`` as usual).
     ``text_dtype`` is the bundled text encoders' dtype; by default fp32 on CPU and fp16 elsewhere (callers
     that load on the CPU and move to a GPU later, as ComfyUI does, pass the dtype for the GPU).
     """
-    file = open_safetensors(path)
     policy = DTypePolicy.named(dtype, device)
+    if is_gguf(path):
+        file, prefix = open_sd3_gguf(path)
+        with file:
+            return ModelParts(_load_mmdit(file, prefix, policy, device), None, None)
+    file = open_safetensors(path)
     parts = detect_parts(file)
     if "mmdit" not in parts:
         raise file.error(f"an SD3/SD3.5 checkpoint (MMDiT weights); this file is {_describe_foreign(file)}")

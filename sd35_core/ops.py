@@ -4,6 +4,10 @@ Storing weights in one dtype (fp8 e4m3fn, fp16, bf16) and computing in another i
 SD3.5 Large run in 8 GB. Every model in this package builds on these layers instead of ``torch.nn``'s,
 so a checkpoint can be loaded straight into its storage dtype and the compute dtype is chosen by
 whatever dtype the caller feeds in. When the two match, ``Tensor.to`` returns the same tensor: no copy.
+
+A weight may also stay in a GGUF block format (Q8_0, Q4_0, ...): then the layer holds the raw bytes as its
+``weight`` and their format as ``weight_quant``, and :func:`materialize_weight` dequantizes it on the
+compute device each time the layer runs.
 """
 
 from __future__ import annotations
@@ -11,6 +15,32 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .gguf.tensor import QuantFormat, QuantizedTensor
+
+
+def materialize_weight(layer: nn.Module, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``layer.weight`` as a dense tensor in ``dtype`` on ``device``, whatever form it is stored in.
+
+    The one place where a stored weight becomes the weight the layer computes with: a cast for
+    fp32/fp16/bf16/fp8 storage, dequantization for a GGUF-quantized weight (moved as raw bytes, so only the
+    compact form crosses devices). Compute-time patches (LoRA) belong here too, on top of the returned
+    weight, so they apply to every storage format alike.
+    """
+    quant: QuantFormat | None = getattr(layer, "weight_quant", None)
+    if quant is not None:
+        return quant.dequantize(layer.weight.to(device), dtype)
+    return layer.weight.to(device=device, dtype=dtype)
+
+
+def store_quantized_weight(layer: nn.Module, weight: QuantizedTensor) -> None:
+    """Make ``layer`` keep ``weight`` in its block format: raw bytes as ``layer.weight``, format alongside.
+
+    The parameter keeps its name, so ``state_dict()`` still lists the official key (holding the raw bytes);
+    ``Module.to(dtype)`` leaves uint8 parameters alone, and ``Module.to(device)`` moves the bytes.
+    """
+    layer.weight = nn.Parameter(weight.data, requires_grad=False)
+    layer.weight_quant = weight.format
 
 
 def _cast(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
@@ -21,12 +51,12 @@ def _cast(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
 
 class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, _cast(self.weight, x), _cast(self.bias, x))
+        return F.linear(x, materialize_weight(self, x.dtype, x.device), _cast(self.bias, x))
 
 
 class Conv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, _cast(self.weight, x), _cast(self.bias, x))
+        return self._conv_forward(x, materialize_weight(self, x.dtype, x.device), _cast(self.bias, x))
 
 
 class LayerNorm(nn.LayerNorm):
