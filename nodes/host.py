@@ -40,30 +40,39 @@ except ImportError:
 IN_COMFYUI = _mm is not None
 
 MODEL_EXTENSIONS = (".safetensors", ".sft")
+GGUF_EXTENSIONS = (".gguf",)
 MODELS_DIR_ENV = "SD35_MODELS_DIR"
 TOKENIZERS_ENV = "SD35_TOKENIZERS"
 
 
 # --------------------------------------------------------------------------------------------- folders
 
-def list_models(folder: str) -> list[str]:
+def list_models(folder: str, extensions: Sequence[str] = MODEL_EXTENSIONS) -> list[str]:
     """Model files in one of ComfyUI's model folders (``checkpoints``, ``vae``, ``controlnet`` ...).
 
-    Only safetensors files are listed: the loaders refuse pickles anyway, so offering them would only
-    lead to an error.
+    Only files with ``extensions`` are listed (safetensors by default: the loaders refuse pickles, so
+    offering them would only lead to an error). ComfyUI lists a folder only with the extensions it registered
+    for it, which never include ``.gguf``; those files are found by walking the folder's paths, without
+    touching ComfyUI's registry (other loaders would then offer files they cannot read).
     """
+    extensions = tuple(e.lower() for e in extensions)
     if _folder_paths is not None:
         try:
             names = _folder_paths.get_filename_list(folder)
+            registered = {e.lower() for e in _folder_paths.folder_names_and_paths[folder][1]}
+            roots = _folder_paths.get_folder_paths(folder)
         except KeyError:
-            names = []
+            names, registered, roots = [], set(), []
+        if any(e not in registered for e in extensions):
+            for root in roots:
+                names += _folder_paths.recursive_search(root, excluded_dir_names=[".git"])[0]
     else:
         root = _fallback_folder(folder)
         names = []
         if root is not None:
             for dirpath, _dirs, files in os.walk(root, followlinks=True):
                 names += [os.path.relpath(os.path.join(dirpath, f), root) for f in files]
-    return sorted(n for n in names if n.lower().endswith(MODEL_EXTENSIONS))
+    return sorted({n for n in names if n.lower().endswith(extensions)})
 
 
 def resolve_model(folders: str | Sequence[str], name: str) -> str:

@@ -98,10 +98,11 @@ def _make_clip(text: TextEncoders, device: torch.device, source: str) -> SD35Cli
 
 
 def checkpoint_names() -> list[str]:
-    """Files offered by the checkpoint loader: ComfyUI's checkpoints, then diffusion_models."""
-    names = host.list_models("checkpoints")
+    """Files offered by the checkpoint loader: ComfyUI's checkpoints, then diffusion_models (GGUF included)."""
+    extensions = host.MODEL_EXTENSIONS + host.GGUF_EXTENSIONS
+    names = host.list_models("checkpoints", extensions)
     seen = set(names)
-    names += [n for n in host.list_models("diffusion_models") if n not in seen]
+    names += [n for n in host.list_models("diffusion_models", extensions) if n not in seen]
     return names
 
 
@@ -128,11 +129,13 @@ class SD35CheckpointLoader:
                 "ckpt_name": (checkpoint_names(), {
                     "tooltip": "An SD3 / SD3.5 .safetensors file from the checkpoints or diffusion_models folder "
                                "(single files with the VAE, with or without text encoders, or bare diffusion "
-                               "models)."}),
+                               "models), or a GGUF diffusion model (Q8_0, Q4_0, ...: kept quantized, "
+                               "dequantized layer by layer)."}),
                 "weight_dtype": (WEIGHT_DTYPES, {
                     "default": "default",
                     "tooltip": "Precision the diffusion model's weights are kept in. default: bf16 on GPUs, fp32 on "
-                               "the CPU. fp8_e4m3fn halves the memory again and computes in bf16."}),
+                               "the CPU. fp8_e4m3fn halves the memory again and computes in bf16. For a GGUF "
+                               "file the quantized weights stay quantized and this is the dtype they compute in."}),
             }
         }
 

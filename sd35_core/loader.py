@@ -174,6 +174,33 @@ def _load_t5(file: SafetensorsFile, prefix: str, policy: DTypePolicy, device) ->
     return _build(T5Encoder, config, file, prefix, policy, device, key_map=T5Encoder.key_map(shapes))
 
 
+def checkpoint_parts(path: str | os.PathLike) -> dict[str, str]:
+    """The parts a checkpoint file holds (mmdit, vae, clip_l, clip_g, t5xxl, controlnet) and their key
+    prefixes, from its header alone; a GGUF file holds the diffusion model only (or is refused as foreign)."""
+    if is_gguf(path):
+        file, prefix = open_sd3_gguf(path)
+        file.close()
+        return {"mmdit": prefix}
+    return detect_parts(open_safetensors(path))
+
+
+def inspect_diffusion_model(path: str | os.PathLike) -> tuple[MMDiTConfig, str]:
+    """``(config, variant)`` of the diffusion model in a checkpoint (safetensors or GGUF), no weights read."""
+    if is_gguf(path):
+        file, prefix = open_sd3_gguf(path)
+    else:
+        file = open_safetensors(path)
+        prefix = detect_parts(file).get("mmdit")
+        if prefix is None:
+            raise file.error(f"an SD3/SD3.5 checkpoint (MMDiT weights); this file is {_describe_foreign(file)}")
+    try:
+        config = _config(MMDiTConfig.from_shapes, file, file.shapes(prefix), "an SD3/SD3.5 diffusion model")
+        return config, detect_variant(config, file.metadata)
+    finally:
+        if isinstance(file, GGUFFile):
+            file.close()
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     dtype: str = "default",

@@ -121,3 +121,22 @@ def test_missing_file_names_the_folders_searched(run_node, fresh_caches):
 def test_native_comfyui_objects_are_refused_with_a_clear_error(run_node):
     with pytest.raises(ValueError, match="expects the output of an SD35 loader"):
         run_node("SD35ControlNetLoader", model=object(), control_net_name="x.safetensors")
+
+
+def test_gguf_diffusion_models_are_listed_and_load_with_their_weights_quantized(run_node, node_classes, fresh_caches,
+                                                                               tmp_path, monkeypatch):
+    from bench.gguf_write import write_gguf
+    from sd35_core.tiny import tiny_mmdit
+
+    state = tiny_mmdit("sd3.5_large").state_dict()
+    write_gguf(tmp_path / "diffusion_models" / "sd35" / "tiny-Q8_0.gguf", state, "Q8_0")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "notes.txt").write_text("not a model")
+    monkeypatch.setenv("SD35_MODELS_DIR", str(tmp_path))
+    names = node_classes["SD35CheckpointLoader"].INPUT_TYPES()["required"]["ckpt_name"][0]
+    assert names == [os.path.join("sd35", "tiny-Q8_0.gguf")]
+    model, clip, vae = run_node("SD35CheckpointLoader", ckpt_name=names[0], weight_dtype="default")
+    assert model.variant == "sd3.5_large" and clip is None and vae is None
+    qkv = model.mmdit.joint_blocks[0].x_block.attn.qkv
+    assert qkv.weight.dtype == torch.uint8 and qkv.weight_quant.qtype.name == "Q8_0"
+    assert model.mmdit.compute_dtype == torch.float32  # default on the CPU: dequantized into fp32

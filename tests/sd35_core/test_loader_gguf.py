@@ -168,3 +168,12 @@ def test_other_parts_refuse_gguf_files_with_a_clear_message(tmp_path, state):
     gg = write_gguf(tmp_path / "m.gguf", state, "Q8_0")
     with pytest.raises(CheckpointError, match=r"this is a GGUF file, which loads only as an SD3/SD3.5 diffusion model"):
         loader.load_vae(gg)
+
+
+def test_the_header_alone_tells_parts_config_and_variant(tmp_path, variant, state):
+    gg = write_gguf(tmp_path / "m.gguf", state, "Q4_0")
+    assert loader.checkpoint_parts(gg) == {"mmdit": ""}
+    assert loader.inspect_diffusion_model(gg) == (tiny.mmdit_config(variant), variant)
+    st = tiny.write_checkpoint(tmp_path / "m.safetensors", variant)
+    assert set(loader.checkpoint_parts(st)) == {"mmdit", "vae"}
+    assert loader.inspect_diffusion_model(st) == (tiny.mmdit_config(variant), variant)
