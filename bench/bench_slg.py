@@ -19,6 +19,7 @@ import resource
 import statistics
 import sys
 import time
+from dataclasses import replace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -26,8 +27,9 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from sd35_core.guidance import CondEntry, Guider, SkipLayerGuidance  # noqa: E402
+from sd35_core.guidance import CondEntry, Guider  # noqa: E402
 from sd35_core.mmditx import MMDiTConfig, MMDiTX  # noqa: E402
+from sd35_core.request import SampleRequest, SkipLayerGuidance  # noqa: E402
 from sd35_core.tiny import randomize_, sincos_pos_embed  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -94,10 +96,11 @@ def main(argv=None) -> dict:
     sigma = torch.full((1,), 0.9, device=args.device)
     steps, step_index = 50, 5  # inside the SD3.5 Medium SLG window (0.5 < i < 10)
     slg = SkipLayerGuidance(layers=layers, scale=2.5, start=0.01, end=0.2)
+    cfg = SampleRequest(steps=steps, cfg=4.0, sampler="euler", shift=3.0, seed=0)  # sampler, seed unused
     guiders = {
-        "cfg": Guider(model, pos, neg, cfg=4.0, steps=steps, shift=3.0),
-        "naive_slg": Guider(model, pos, neg, cfg=4.0, steps=steps, shift=3.0, slg=slg, share_slg_prefix=False),
-        "slg": Guider(model, pos, neg, cfg=4.0, steps=steps, shift=3.0, slg=slg),
+        "cfg": Guider(model, pos, neg, cfg),
+        "naive_slg": Guider(model, pos, neg, replace(cfg, slg=slg, share_slg_prefix=False)),
+        "slg": Guider(model, pos, neg, replace(cfg, slg=slg)),
     }
     times: dict[str, list[float]] = {k: [] for k in guiders}
     cpu: dict[str, list[float]] = {k: [] for k in guiders}  # process CPU time: robust to other load

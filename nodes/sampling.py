@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from ..sd35_core import pipeline
 from ..sd35_core.controlnet import ControlHint, check_controlnet_fits, prepare_control_image
 from ..sd35_core.defaults import defaults_for
-from ..sd35_core.guidance import SLG_WINDOWS, CondEntry, SkipLayerGuidance
+from ..sd35_core.guidance import CondEntry
 from ..sd35_core.latent import process_in
+from ..sd35_core.request import MAX_SEED, SEED_MODES, SLG_WINDOWS, SampleRequest, SkipLayerGuidance
 from ..sd35_core.samplers import SAMPLERS
 from ..sd35_core.schedule import SCHEDULES
 from . import host
@@ -98,7 +99,7 @@ class SD35Sampler:
                 "negative": ("CONDITIONING", {"tooltip": "What the image should not show."}),
                 "latent": ("LATENT", {"tooltip": "SD35 Empty Latent for text-to-image, or an encoded image for "
                                                  "image-to-image (with denoise below 1)."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": pipeline.MAX_SEED, "control_after_generate": True,
+                "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
                                  "tooltip": "Seed of the starting noise (the reference draws it on the CPU, so the "
                                             "same seed gives the same image on every device)."}),
                 "steps": ("INT", {"default": 40, "min": 1, "max": 10000,
@@ -131,7 +132,7 @@ class SD35Sampler:
                                                               "sigma (ComfyUI's SkipLayerGuidanceSD3 node)."}),
             },
             "optional": {
-                "seed_mode": (list(pipeline.SEED_MODES), {
+                "seed_mode": (list(SEED_MODES), {
                     "default": "batch",
                     "tooltip": "batch: one noise draw for the whole batch (reference); per_image: image i uses "
                                "seed + i, so it equals a single run with that seed."}),
@@ -170,6 +171,9 @@ class SD35Sampler:
             shift = defaults_for(model.variant).shift
 
         hints = build_hints(specs, model, samples) if specs else []
+        request = SampleRequest(steps=steps, cfg=cfg, sampler=sampler, schedule=schedule, shift=shift, seed=seed,
+                                seed_mode=seed_mode, denoise=min(denoise, 1.0), slg=slg, controls=hints,
+                                skip_uncond_at_cfg1=True)
         rows = 2 + (1 if slg is not None else 0)
         model.managed.load(extra=[s.controlnet.managed for s in specs],
                            memory_required=model_memory_estimate(model, samples, rows))
@@ -178,14 +182,12 @@ class SD35Sampler:
         def callback(info):
             progress.update(info.index, info.total, info.denoised)
 
-        common = dict(steps=steps, cfg=cfg, sampler=sampler, shift=shift, seed=seed, schedule=schedule, slg=slg,
-                      controls=hints, seed_mode=seed_mode, callback=callback, should_cancel=host.check_interrupt,
-                      skip_uncond_at_cfg1=True)
-        if denoise >= 1.0:
+        hooks = dict(callback=callback, should_cancel=host.check_interrupt)
+        if request.denoise == 1.0:
             b, _, h, w = samples.shape
-            out = pipeline.txt2img(model.mmdit, pos, neg, width=w * 8, height=h * 8, batch_size=b, **common)
+            out = pipeline.txt2img(model.mmdit, pos, neg, request, width=w * 8, height=h * 8, batch_size=b, **hooks)
         else:
-            out = pipeline.img2img(model.mmdit, pos, neg, init_latent=samples, denoise=denoise, **common)
+            out = pipeline.img2img(model.mmdit, pos, neg, request, init_latent=samples, **hooks)
         result = {k: v for k, v in latent.items() if k != "noise_mask"}
         result["samples"] = out.to(device="cpu", dtype=torch.float32)
         return (result,)

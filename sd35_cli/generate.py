@@ -16,7 +16,7 @@ import secrets
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, TextIO
 
 import numpy as np
@@ -833,6 +833,7 @@ def generate(opts: GenerateOptions, *, log: TextIO | None = None, now: datetime.
     from sd35_core.guidance import CondEntry
     from sd35_core.latent import process_in
     from sd35_core.pipeline import img2img, txt2img
+    from sd35_core.request import SampleRequest
 
     log = log if log is not None else sys.stderr
     t_start = time.perf_counter()
@@ -893,6 +894,9 @@ def generate(opts: GenerateOptions, *, log: TextIO | None = None, now: datetime.
     seconds["encode_text"] = time.perf_counter() - t
 
     seeds = seeds_for(opts.seed, opts.seed_type, len(prompts))
+    request = SampleRequest(steps=settings.steps, cfg=settings.cfg, sampler=settings.sampler, shift=settings.shift,
+                            seed=seeds[0], denoise=opts.denoise if init is not None else 1.0, slg=settings.slg,
+                            controls=controls)
     os.makedirs(out_dir, exist_ok=False)
     control_file = None
     if shown is not None:
@@ -910,13 +914,13 @@ def generate(opts: GenerateOptions, *, log: TextIO | None = None, now: datetime.
         positive = CondEntry(context, pooled)
         run_steps = settings.steps - (0 if init is None else int(settings.steps * (1 - opts.denoise)))
         bar = ProgressBar(run_steps, label=f"image {i + 1}/{len(prompts)} seed {seed}", stream=log)
-        common = dict(steps=settings.steps, cfg=settings.cfg, sampler=settings.sampler, shift=settings.shift,
-                      seed=seed, slg=settings.slg, controls=controls, callback=bar.step_callback)
+        request = replace(request, seed=seed)
         t = time.perf_counter()
         if init is None:
-            latent = txt2img(model.mmdit, positive, negative, width=opts.width, height=opts.height, **common)
+            latent = txt2img(model.mmdit, positive, negative, request, width=opts.width, height=opts.height,
+                             callback=bar.step_callback)
         else:
-            latent = img2img(model.mmdit, positive, negative, init_latent=init, denoise=opts.denoise, **common)
+            latent = img2img(model.mmdit, positive, negative, request, init_latent=init, callback=bar.step_callback)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds["sample"] += time.perf_counter() - t

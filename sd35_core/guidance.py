@@ -37,7 +37,6 @@ Entries whose context lengths differ cannot share a batch and run in separate mo
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -45,31 +44,16 @@ from typing import TYPE_CHECKING
 import torch
 
 from .controlnet import controlnet_residuals, expand_residuals
+from .request import SampleRequest, check_finite
+from .request import SkipLayerGuidance as SkipLayerGuidance  # its home is the request; re-exported for importers
 from .schedule import percent_to_sigma
 
 if TYPE_CHECKING:
-    from .controlnet import ControlHint
     from .mmditx import MMDiTX
 
 log = logging.getLogger(__name__)
 
 TIMESTEP_SCALE = 1000.0
-SLG_WINDOWS = ("steps", "sigma")
-
-
-def _finite(name: str, value, lo: float | None = None, hi: float | None = None) -> float:
-    expect = "a finite number"
-    if lo is not None and hi is not None:
-        expect += f" in [{lo:g}, {hi:g}]"
-    elif lo is not None:
-        expect += f" >= {lo:g}"
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected {expect}, got {value!r}") from None
-    if isinstance(value, bool) or not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise ValueError(f"{name}: expected {expect}, got {value!r}")
-    return v
 
 
 def _as_float32(value: float) -> float:
@@ -96,57 +80,6 @@ class CondEntry:
         return _as_float32(percent_to_sigma(self.end_percent, shift)) <= s <= _as_float32(
             percent_to_sigma(self.start_percent, shift)
         )
-
-
-@dataclass(frozen=True)
-class SkipLayerGuidance:
-    """Skip-layer guidance settings (defaults: the reference's SD3.5 Medium configuration).
-
-    ``window="steps"``: active on step indices ``i`` with ``start * steps < i < end * steps``
-    (reference). ``window="sigma"``: active while ``percent_to_sigma(end) <= sigma <=
-    percent_to_sigma(start)`` (ComfyUI's SkipLayerGuidanceSD3 node).
-    """
-
-    layers: tuple[int, ...] = (7, 8, 9)
-    scale: float = 2.5
-    start: float = 0.01
-    end: float = 0.2
-    window: str = "steps"
-
-    def __post_init__(self) -> None:
-        try:
-            layers = tuple(self.layers)
-        except TypeError:
-            raise ValueError(f"slg layers: expected a list of block indices, got {self.layers!r}") from None
-        for layer in layers:
-            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-                raise ValueError(f"slg layers: expected block indices (whole numbers >= 0), got {layer!r}")
-        object.__setattr__(self, "layers", tuple(sorted(set(layers))))
-        object.__setattr__(self, "scale", _finite("slg scale", self.scale, 0.0))
-        object.__setattr__(self, "start", _finite("slg start", self.start, 0.0, 1.0))
-        object.__setattr__(self, "end", _finite("slg end", self.end, 0.0, 1.0))
-        if self.window not in SLG_WINDOWS:
-            raise ValueError(f"slg window: expected one of {', '.join(SLG_WINDOWS)}, got {self.window!r}")
-
-    def check_depth(self, depth: int) -> None:
-        """ValueError if a layer does not exist in a model with ``depth`` joint blocks."""
-        for layer in self.layers:
-            if layer >= depth:
-                raise ValueError(
-                    f"slg layers: {layer} is out of range for a model with {depth} joint blocks (0..{depth - 1})"
-                )
-
-    @property
-    def enabled(self) -> bool:
-        return self.scale > 0 and bool(self.layers)
-
-    def active(self, step_index: int, steps: int, sigma: float, shift: float) -> bool:
-        """Whether the skip pass runs at this step (see the class doc for the two windows)."""
-        if not self.enabled:
-            return False
-        if self.window == "steps":
-            return self.start * steps < step_index < self.end * steps
-        return percent_to_sigma(self.end, shift) <= float(sigma) <= percent_to_sigma(self.start, shift)
 
 
 def as_entries(name: str, conds) -> list[CondEntry]:
@@ -185,11 +118,12 @@ class GuidanceStats:
 class Guider:
     """The guided denoiser ``guider(x, sigma_batch, step_index) -> denoised`` (see module doc).
 
-    ``steps`` is the requested number of steps (the SLG and ControlNet windows are fractions of it);
-    ``shift`` the schedule shift (needed for sigma-percent windows and timestep ranges).
-    ``share_slg_prefix`` enables the shared skip-layer prefix. ``skip_uncond_at_cfg1`` leaves the
-    negative out when ``cfg == 1`` (ComfyUI does the same): the result then differs from the
-    reference's full batch only by float round-off (``uncond + (cond - uncond) * 1`` vs ``cond``).
+    Of the :class:`~.request.SampleRequest` it reads ``cfg``, ``steps`` (the requested number of
+    steps: the SLG and ControlNet windows are fractions of it), ``shift`` (for sigma-percent windows
+    and timestep ranges), ``slg``, ``controls`` and two batching options: ``share_slg_prefix`` enables
+    the shared skip-layer prefix; ``skip_uncond_at_cfg1`` leaves the negative out when ``cfg == 1``
+    (ComfyUI does the same): the result then differs from the reference's full batch only by float
+    round-off (``uncond + (cond - uncond) * 1`` vs ``cond``).
     """
 
     def __init__(
@@ -197,32 +131,15 @@ class Guider:
         model: MMDiTX,
         positive: CondEntry | Sequence[CondEntry],
         negative: CondEntry | Sequence[CondEntry],
-        *,
-        cfg: float,
-        steps: int,
-        shift: float,
-        slg: SkipLayerGuidance | None = None,
-        controls: Sequence[ControlHint] = (),
-        share_slg_prefix: bool = True,
-        skip_uncond_at_cfg1: bool = False,
+        request: SampleRequest,
     ) -> None:
+        if not isinstance(request, SampleRequest):
+            raise ValueError(f"request: expected a SampleRequest, got {type(request).__name__}")
         self.model = model
-        self.cfg = _finite("cfg", cfg)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps: expected a whole number >= 1, got {steps!r}")
-        self.steps = steps
-        self.shift = _finite("shift", shift)
-        if self.shift <= 0:
-            raise ValueError(f"shift: expected a finite number > 0, got {shift!r}")
-        config = model.config
-        if slg is not None:
-            if not isinstance(slg, SkipLayerGuidance):
-                raise ValueError(f"slg: expected a SkipLayerGuidance or None, got {type(slg).__name__}")
-            slg.check_depth(config.depth)
-        self.slg = slg
-        self.controls = tuple(controls)
-        self.share_slg_prefix = share_slg_prefix
-        self.use_uncond = not (skip_uncond_at_cfg1 and self.cfg == 1.0)
+        self.request = request
+        if request.slg is not None:
+            request.slg.check_depth(model.config.depth)
+        self.use_uncond = not (request.skip_uncond_at_cfg1 and request.cfg == 1.0)
         self.positive = self._prepare("positive", positive)
         self.negative = self._prepare("negative", negative)
         self.stats = GuidanceStats()
@@ -255,9 +172,9 @@ class Guider:
                 raise ValueError(
                     f"{name}[{k}]: context batch {ctx.shape[0]} and pooled batch {pooled.shape[0]} differ"
                 )
-            strength = _finite(f"{name}[{k}] strength", e.strength, 0.0)
-            start = _finite(f"{name}[{k}] start_percent", e.start_percent, 0.0, 1.0)
-            end = _finite(f"{name}[{k}] end_percent", e.end_percent, 0.0, 1.0)
+            strength = check_finite(f"{name}[{k}] strength", e.strength, 0.0)
+            start = check_finite(f"{name}[{k}] start_percent", e.start_percent, 0.0, 1.0)
+            end = check_finite(f"{name}[{k}] end_percent", e.end_percent, 0.0, 1.0)
             # float32 on the model's device once, so no step pays for the copy again
             out.append(
                 CondEntry(
@@ -365,14 +282,15 @@ class Guider:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, step_index: int) -> torch.Tensor:
+        request = self.request
         batch = x.shape[0]
         s = float(sigma[0])
-        jobs = [_Job(True, k, e) for k, e in enumerate(self.positive) if e.active(s, self.shift)]
+        jobs = [_Job(True, k, e) for k, e in enumerate(self.positive) if e.active(s, request.shift)]
         if self.use_uncond:
-            jobs += [_Job(False, k, e) for k, e in enumerate(self.negative) if e.active(s, self.shift)]
-        slg = self.slg
-        slg_on = slg is not None and slg.active(step_index, self.steps, s, self.shift)
-        hints = [h for h in self.controls if h.active(step_index, self.steps)]
+            jobs += [_Job(False, k, e) for k, e in enumerate(self.negative) if e.active(s, request.shift)]
+        slg = request.slg
+        slg_on = slg is not None and slg.active(step_index, request.steps, s, request.shift)
+        hints = [h for h in request.controls if h.active(step_index, request.steps)]
 
         # Entries that can share a batch: same context length. Positives come first in each group, so
         # with one entry a side the batch is the reference's [cond; uncond].
@@ -394,7 +312,7 @@ class Guider:
             n_pos = sum(j.positive for j in group) * batch
             den_skip = None
             if slg_on and n_pos:
-                if residuals is None and self.share_slg_prefix:
+                if residuals is None and request.share_slg_prefix:
                     den, den_skip = self.run_with_skip(xg, sg, ctx, pooled, n_pos, slg.layers)
                     self.stats.shared_prefix_steps += 1
                 else:
@@ -417,7 +335,7 @@ class Guider:
         pos = self._combine(pos_preds, x)
         if self.use_uncond:
             neg = self._combine(neg_preds, x)
-            out = neg + (pos - neg) * self.cfg
+            out = neg + (pos - neg) * request.cfg
         else:
             out = pos
         if slg_on:

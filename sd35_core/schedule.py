@@ -28,13 +28,15 @@ TIMESTEP_MULTIPLIER = 1000
 # validation
 
 
-def _check_steps(steps: int) -> int:
+def check_steps(steps: int) -> int:
+    """``steps`` as an int; ValueError unless it is a whole number >= 1."""
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps: expected a whole number >= 1, got {steps!r}")
     return int(steps)
 
 
-def _check_shift(shift: float) -> float:
+def check_shift(shift: float) -> float:
+    """``shift`` as a float; ValueError unless it is a finite number > 0."""
     try:
         value = float(shift)
     except (TypeError, ValueError):
@@ -44,7 +46,8 @@ def _check_shift(shift: float) -> float:
     return value
 
 
-def _check_denoise(denoise: float) -> float:
+def check_denoise(denoise: float) -> float:
+    """``denoise`` as a float; ValueError unless it is a number in (0, 1]."""
     try:
         value = float(denoise)
     except (TypeError, ValueError):
@@ -74,7 +77,7 @@ def percent_to_sigma(percent: float, shift: float) -> float:
 
     Used for timestep ranges on conditioning and for the sigma-window variant of skip-layer guidance.
     """
-    shift = _check_shift(shift)
+    shift = check_shift(shift)
     percent = float(percent)
     if percent <= 0.0:
         return 1.0
@@ -98,8 +101,8 @@ def _reference_sigma(timestep: torch.Tensor, shift: float) -> torch.Tensor:
 def reference_sigmas(steps: int, shift: float) -> torch.Tensor:
     """The reference's sigmas: ``steps`` values linearly spaced in timestep from ``sigma_max`` to
     ``sigma_min`` of its 1000-entry table, mapped through ``sigma()``, then a final 0 (float32, CPU)."""
-    steps = _check_steps(steps)
-    shift = _check_shift(shift)
+    steps = check_steps(steps)
+    shift = check_shift(shift)
     table = _reference_sigma(torch.arange(1, NUM_TIMESTEPS + 1, 1), shift)
     start = table[-1] * 1000
     end = table[0] * 1000
@@ -115,7 +118,7 @@ def _comfy_sigma(timestep: torch.Tensor, shift: float) -> torch.Tensor:
 
 def comfy_sigma_table(shift: float) -> torch.Tensor:
     """ComfyUI's 1000-entry sigma table for a flow model with ``shift`` (float32)."""
-    shift = _check_shift(shift)
+    shift = check_shift(shift)
     t = (torch.arange(1, NUM_TIMESTEPS + 1, 1) / NUM_TIMESTEPS) * TIMESTEP_MULTIPLIER
     return _comfy_sigma(t, shift)
 
@@ -131,7 +134,7 @@ def sgm_uniform_sigmas(steps: int, shift: float) -> torch.Tensor:
 
 
 def _comfy_linear(steps: int, shift: float, sgm: bool) -> torch.Tensor:
-    steps = _check_steps(steps)
+    steps = check_steps(steps)
     table = comfy_sigma_table(shift)
     start = table[-1] * TIMESTEP_MULTIPLIER
     end = table[0] * TIMESTEP_MULTIPLIER
@@ -153,7 +156,7 @@ def _comfy_linear(steps: int, shift: float, sgm: bool) -> torch.Tensor:
 
 def simple_sigmas(steps: int, shift: float) -> torch.Tensor:
     """ComfyUI's ``simple`` scheduler: evenly strided entries of the sigma table from the top, then 0."""
-    steps = _check_steps(steps)
+    steps = check_steps(steps)
     table = comfy_sigma_table(shift)
     stride = len(table) / steps
     sigs = [float(table[-(1 + int(i * stride))]) for i in range(steps)]
@@ -166,7 +169,7 @@ def beta_sigmas(steps: int, shift: float, alpha: float = 0.6, beta: float = 0.6)
     Repeated indices are dropped, so a large ``steps`` can give fewer than ``steps`` sampling steps,
     exactly as in ComfyUI.
     """
-    steps = _check_steps(steps)
+    steps = check_steps(steps)
     table = comfy_sigma_table(shift)
     total = len(table) - 1
     quantiles = 1 - np.linspace(0, 1, steps, endpoint=False)
@@ -264,9 +267,9 @@ def sigmas_for(schedule: str, steps: int, shift: float, denoise: float = 1.0) ->
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule: expected one of {', '.join(SCHEDULES)}, got {schedule!r}")
-    steps = _check_steps(steps)
-    shift = _check_shift(shift)
-    denoise = _check_denoise(denoise)
+    steps = check_steps(steps)
+    shift = check_shift(shift)
+    denoise = check_denoise(denoise)
     sigmas = SCHEDULES[schedule](steps, shift)
     drop = int(steps * (1 - denoise))
     drop = min(drop, len(sigmas) - 2)

@@ -90,6 +90,7 @@ def test_save_latent_equals_the_pipeline_computed_directly(capsys, gen_args, tmp
     from sd35_core.defaults import defaults_for
     from sd35_core.guidance import CondEntry
     from sd35_core.pipeline import txt2img
+    from sd35_core.request import SampleRequest
 
     latent_file = tmp_path / "latent.safetensors"
     summary, _ = run_json(capsys, gen_args("--prompt", "a lighthouse at dusk", "--seed", "123", "--skip_layer_cfg",
@@ -105,8 +106,9 @@ def test_save_latent_equals_the_pipeline_computed_directly(capsys, gen_args, tmp
 
     parts, text = _direct_parts(tiny_models, "sd3.5_medium")
     pos, neg = text.encode("a lighthouse at dusk"), text.encode("")
-    latent = txt2img(parts.model.mmdit, CondEntry(*pos), CondEntry(*neg), width=64, height=48, steps=6,
-                     cfg=expected.cfg, sampler=expected.sampler, shift=expected.shift, seed=123, slg=expected.slg)
+    request = SampleRequest(steps=6, cfg=expected.cfg, sampler=expected.sampler, shift=expected.shift, seed=123,
+                            slg=expected.slg)
+    latent = txt2img(parts.model.mmdit, CondEntry(*pos), CondEntry(*neg), request, width=64, height=48)
     assert torch.equal(saved["latent"], latent.float().cpu())
 
     # And the PNG is the reference's decode of exactly that latent.
@@ -139,6 +141,7 @@ def _pixels(path, width, height):
 def test_init_image_latent_equals_img2img_on_the_vae_mean(capsys, gen_args, tmp_path, tiny_models):
     from sd35_core.guidance import CondEntry
     from sd35_core.pipeline import img2img
+    from sd35_core.request import SampleRequest
 
     picture = tmp_path / "init.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(picture)
@@ -149,8 +152,9 @@ def test_init_image_latent_equals_img2img_on_the_vae_mean(capsys, gen_args, tmp_
     assert summary["steps_run"] == 5 - int(5 * (1 - 0.6))
     parts, text = _direct_parts(tiny_models, "sd3.5_medium")
     init = parts.vae.encode(_pixels(picture, 64, 48) * 2 - 1)
-    latent = img2img(parts.model.mmdit, CondEntry(*text.encode("a boat")), CondEntry(*text.encode("")),
-                     init_latent=init, denoise=0.6, steps=5, cfg=3.0, sampler="euler", shift=2.0, seed=9)
+    request = SampleRequest(denoise=0.6, steps=5, cfg=3.0, sampler="euler", shift=2.0, seed=9)
+    latent = img2img(parts.model.mmdit, CondEntry(*text.encode("a boat")), CondEntry(*text.encode("")), request,
+                     init_latent=init)
     assert torch.equal(load_file(tmp_path / "i2i.safetensors")["latent"], latent.float().cpu())
 
 
@@ -161,6 +165,7 @@ def test_controlnet_run_equals_the_pipeline_with_the_reference_canny_scaling(cap
     from sd35_core.latent import process_in
     from sd35_core.loader import load_controlnet
     from sd35_core.pipeline import txt2img
+    from sd35_core.request import SampleRequest
 
     edges = np.zeros((48, 64, 3), dtype=np.uint8)
     edges[10:12, :] = 255
@@ -181,9 +186,10 @@ def test_controlnet_run_equals_the_pipeline_with_the_reference_canny_scaling(cap
     parts, text = _direct_parts(tiny_models, "sd3.5_large")
     cn = load_controlnet(cn_file, parts.model, "fp32", "cpu")
     cond = process_in(parts.vae.encode(_pixels(picture, 64, 48) * 255 * 0.5 + 0.5))  # reference canny scaling
-    latent = txt2img(parts.model.mmdit, CondEntry(*text.encode("a road")), CondEntry(*text.encode("")), width=64,
-                     height=48, steps=2, cfg=expected.cfg, sampler=expected.sampler, shift=expected.shift, seed=3,
-                     controls=[ControlHint(cn, cond)])
+    request = SampleRequest(steps=2, cfg=expected.cfg, sampler=expected.sampler, shift=expected.shift, seed=3,
+                            controls=[ControlHint(cn, cond)])
+    latent = txt2img(parts.model.mmdit, CondEntry(*text.encode("a road")), CondEntry(*text.encode("")), request,
+                     width=64, height=48)
     assert torch.equal(load_file(tmp_path / "cn.safetensors")["latent"], latent.float().cpu())
 
 

@@ -23,6 +23,7 @@ def main(settings_path: str, out_path: str) -> None:
     from sd35_core.guidance import CondEntry, SkipLayerGuidance
     from sd35_core.loader import load_checkpoint, load_text_encoder
     from sd35_core.pipeline import txt2img
+    from sd35_core.request import SampleRequest
     from sd35_core.text_encoder import SD3TextEncoder
     from sd35_core.tokenization import SD3Tokenizer, find_tokenizer_files
     from sd35_core.vae import vae_output_to_image
@@ -39,9 +40,9 @@ def main(settings_path: str, out_path: str) -> None:
         slg = SkipLayerGuidance(layers=tuple(s["slg_layers"]), scale=s["slg_scale"], start=s["slg_start"],
                                 end=s["slg_end"], window=s["slg_window"])
     with torch.inference_mode():
-        latent = txt2img(parts.model.mmdit, positive, negative, width=s["width"], height=s["height"],
-                         steps=s["steps"], cfg=s["cfg"], sampler=s["sampler"], shift=s["shift"], seed=s["seed"],
-                         schedule=s["schedule"], slg=slg, skip_uncond_at_cfg1=True)
+        request = SampleRequest(steps=s["steps"], cfg=s["cfg"], sampler=s["sampler"], shift=s["shift"],
+                                seed=s["seed"], schedule=s["schedule"], slg=slg, skip_uncond_at_cfg1=True)
+        latent = txt2img(parts.model.mmdit, positive, negative, request, width=s["width"], height=s["height"])
         image = vae_output_to_image(parts.vae.decode(latent))[0]
     np.save(out_path, np.clip(255.0 * image.cpu().numpy(), 0, 255).astype(np.uint8))
 

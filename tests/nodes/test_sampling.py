@@ -50,15 +50,15 @@ def test_text_encode_sample_decode(run_node, parts):
 def test_sampler_node_equals_the_pipeline(run_node, parts):
     from comfyui_sd35.sd35_core import pipeline
     from comfyui_sd35.sd35_core.guidance import SkipLayerGuidance
+    from comfyui_sd35.sd35_core.request import SampleRequest
 
     model, _, pos, neg = parts
     (latent,) = run_node("SD35EmptyLatent", width=SIZE, height=SIZE, batch_size=1)
     settings = sampler_inputs(sampler="dpmpp_2m", slg_layers="1, 2", slg_scale=2.5, slg_start=0.0, slg_end=0.7)
     (out,) = run_node("SD35Sampler", model=model, positive=pos, negative=neg, latent=latent, **settings)
-    expected = pipeline.txt2img(
-        model.mmdit, entries(pos), entries(neg), width=SIZE, height=SIZE, steps=3, cfg=4.0, sampler="dpmpp_2m",
-        shift=3.0, seed=7, slg=SkipLayerGuidance(layers=(1, 2), scale=2.5, start=0.0, end=0.7),
-    )
+    request = SampleRequest(steps=3, cfg=4.0, sampler="dpmpp_2m", shift=3.0, seed=7,
+                            slg=SkipLayerGuidance(layers=(1, 2), scale=2.5, start=0.0, end=0.7))
+    expected = pipeline.txt2img(model.mmdit, entries(pos), entries(neg), request, width=SIZE, height=SIZE)
     assert torch.equal(out["samples"], expected)
     (plain,) = run_node("SD35Sampler", model=model, positive=pos, negative=neg, latent=latent,
                         **sampler_inputs(sampler="dpmpp_2m"))
@@ -67,6 +67,7 @@ def test_sampler_node_equals_the_pipeline(run_node, parts):
 
 def test_comfyui_timestep_ranges_and_combine_are_honoured(run_node, parts):
     from comfyui_sd35.sd35_core import pipeline
+    from comfyui_sd35.sd35_core.request import SampleRequest
 
     model, _, pos, neg = parts
     (other,) = run_node("SD35TextEncode", clip=run_node("SD35TextEncoderLoader", clip_l_name="clip_l.safetensors",
@@ -85,8 +86,8 @@ def test_comfyui_timestep_ranges_and_combine_are_honoured(run_node, parts):
     assert late_ctx.shape[-1] < model.config.context_dim
     padded = torch.nn.functional.pad(late_ctx, (0, model.config.context_dim - late_ctx.shape[-1]))
     want = entries(early) + entries([[padded, late[0][1]]])
-    expected = pipeline.txt2img(model.mmdit, want, entries(neg), width=SIZE, height=SIZE, steps=4, cfg=4.0,
-                                sampler="euler", shift=3.0, seed=7)
+    request = SampleRequest(steps=4, cfg=4.0, sampler="euler", shift=3.0, seed=7)
+    expected = pipeline.txt2img(model.mmdit, want, entries(neg), request, width=SIZE, height=SIZE)
     assert torch.equal(out["samples"], expected)
     (only_pos,) = run_node("SD35Sampler", model=model, positive=pos, negative=neg, latent=latent,
                            **sampler_inputs(steps=4))
@@ -132,6 +133,7 @@ def test_conditioning_that_is_not_sd3_is_refused(run_node, parts):
 
 def test_img2img_through_vae_encode_equals_the_pipeline(run_node, parts):
     from comfyui_sd35.sd35_core import pipeline
+    from comfyui_sd35.sd35_core.request import SampleRequest
 
     model, vae, pos, neg = parts
     image = torch.rand(1, SIZE + 5, SIZE + 3, 3, generator=torch.Generator().manual_seed(1))
@@ -141,8 +143,8 @@ def test_img2img_through_vae_encode_equals_the_pipeline(run_node, parts):
     assert torch.equal(latent["samples"], again["samples"])  # the mean: deterministic
     (out,) = run_node("SD35Sampler", model=model, positive=pos, negative=neg, latent=latent,
                       **sampler_inputs(steps=4, denoise=0.5))
-    expected = pipeline.img2img(model.mmdit, entries(pos), entries(neg), init_latent=latent["samples"], denoise=0.5,
-                                steps=4, cfg=4.0, sampler="euler", shift=3.0, seed=7)
+    request = SampleRequest(denoise=0.5, steps=4, cfg=4.0, sampler="euler", shift=3.0, seed=7)
+    expected = pipeline.img2img(model.mmdit, entries(pos), entries(neg), request, init_latent=latent["samples"])
     assert torch.equal(out["samples"], expected)
     (unchanged,) = run_node("SD35Sampler", model=model, positive=pos, negative=neg, latent=latent,
                             **sampler_inputs(denoise=0.0))
@@ -227,6 +229,7 @@ def test_controlnet_apply_attaches_the_hint_and_the_sampler_runs_it(run_node, pa
     from comfyui_sd35.sd35_core import pipeline
     from comfyui_sd35.sd35_core.controlnet import ControlHint, prepare_control_image
     from comfyui_sd35.sd35_core.latent import process_in
+    from comfyui_sd35.sd35_core.request import SampleRequest
 
     model, vae, pos, neg = parts
     (cn,) = run_node("SD35ControlNetLoader", model=model,
@@ -244,8 +247,8 @@ def test_controlnet_apply_attaches_the_hint_and_the_sampler_runs_it(run_node, pa
 
     pixels = prepare_control_image(edges, SIZE, SIZE, "canny")
     hint = ControlHint(cn.controlnet, process_in(vae.vae.encode(pixels)), 0.8, 0.0, 0.5)
-    expected = pipeline.txt2img(model.mmdit, entries(pos), entries(neg), width=SIZE, height=SIZE, steps=4, cfg=4.0,
-                                sampler="euler", shift=3.0, seed=7, controls=[hint])
+    request = SampleRequest(steps=4, cfg=4.0, sampler="euler", shift=3.0, seed=7, controls=[hint])
+    expected = pipeline.txt2img(model.mmdit, entries(pos), entries(neg), request, width=SIZE, height=SIZE)
     assert torch.equal(out["samples"], expected)
     (plain,) = run_node("SD35Sampler", model=model, positive=pos, negative=neg, latent=latent,
                         **sampler_inputs(steps=4))

@@ -5,6 +5,7 @@ import torch
 
 from sd35_core.controlnet import ControlHint, controlnet_residuals, expand_residuals
 from sd35_core.guidance import CondEntry, Guider, SkipLayerGuidance
+from sd35_core.request import SampleRequest
 from sd35_core.schedule import percent_to_sigma, reference_sigmas
 
 from .sampling_common import (
@@ -22,6 +23,11 @@ from .sampling_common import (
 SHIFT = 3.0
 
 
+def request(**settings) -> SampleRequest:
+    """A sampling request; the guider does not read its sampler or seed."""
+    return SampleRequest(sampler="euler", seed=0, **settings)
+
+
 def sigma_batch(value: float, batch: int) -> torch.Tensor:
     return torch.full((batch,), value, dtype=torch.float32)
 
@@ -31,7 +37,7 @@ def sigma_batch(value: float, batch: int) -> torch.Tensor:
 def test_cfg_equals_the_reference_denoiser_bit_for_bit(variant, batch):
     m = model(variant)
     pos, neg = cond(m, 1), cond(m, 2)
-    guider = Guider(m, pos, neg, cfg=4.5, steps=10, shift=SHIFT)
+    guider = Guider(m, pos, neg, request(cfg=4.5, steps=10, shift=SHIFT))
     ref = RefCFGDenoiser(RefBaseModel(m, SHIFT))
     x = latent(batch)
     for s in reference_sigmas(4, SHIFT)[:-1]:
@@ -58,14 +64,14 @@ def test_skip_layer_guidance_equals_the_reference():
     slg = SkipLayerGuidance(layers=(7, 8, 9), scale=2.5, start=0.01, end=0.4)
     sigmas = reference_sigmas(steps, SHIFT)[:-1]
     x = latent(2)
-    naive = Guider(m, pos, neg, cfg=4.0, steps=steps, shift=SHIFT, slg=slg, share_slg_prefix=False)
+    naive = Guider(m, pos, neg, request(cfg=4.0, steps=steps, shift=SHIFT, slg=slg, share_slg_prefix=False))
     ref = RefSkipLayerCFGDenoiser(RefBaseModel(m, SHIFT), steps, dict(scale=2.5, start=0.01, end=0.4, layers=[7, 8, 9]))
     for ours, theirs in _slg_run(naive, ref, x, sigmas, pos, neg, 4.0):
         assert torch.equal(ours, theirs)
     # window 0.01*10 < i < 0.4*10: steps 1, 2, 3
     assert naive.stats.separate_skip_steps == 3
 
-    shared = Guider(m, pos, neg, cfg=4.0, steps=steps, shift=SHIFT, slg=slg)
+    shared = Guider(m, pos, neg, request(cfg=4.0, steps=steps, shift=SHIFT, slg=slg))
     ref = RefSkipLayerCFGDenoiser(RefBaseModel(m, SHIFT), steps, dict(scale=2.5, start=0.01, end=0.4, layers=[7, 8, 9]))
     for ours, theirs in _slg_run(shared, ref, x, sigmas, pos, neg, 4.0):
         # fp32 round-off only (the prefix ran at batch 4 instead of 2): ~1e-6 of the output scale
@@ -81,8 +87,8 @@ def test_shared_prefix_equals_three_separate_passes(layers, batch):
     slg = SkipLayerGuidance(layers=layers, scale=3.0, start=0.0, end=1.0)
     x = latent(batch, seed=7)
     sig = sigma_batch(0.7, batch)
-    shared = Guider(m, pos, neg, cfg=5.0, steps=4, shift=SHIFT, slg=slg)
-    naive = Guider(m, pos, neg, cfg=5.0, steps=4, shift=SHIFT, slg=slg, share_slg_prefix=False)
+    shared = Guider(m, pos, neg, request(cfg=5.0, steps=4, shift=SHIFT, slg=slg))
+    naive = Guider(m, pos, neg, request(cfg=5.0, steps=4, shift=SHIFT, slg=slg, share_slg_prefix=False))
     a, b = shared(x, sig, 1), naive(x, sig, 1)
     assert_close(a, b, tol=1e-5)
     # and the prefix is really shared: blocks before the first skipped one run once for the cond rows
@@ -98,7 +104,7 @@ def test_slg_sigma_window_is_comfyuis():
                             (lo - 1e-4, False), (0.01, False)]:
         assert slg.active(0, 10, sigma, SHIFT) is expected, sigma
     # the guider applies it by sigma, whatever the step index
-    guider = Guider(m, pos, neg, cfg=4.0, steps=10, shift=SHIFT, slg=slg)
+    guider = Guider(m, pos, neg, request(cfg=4.0, steps=10, shift=SHIFT, slg=slg))
     x = latent()
     guider(x, sigma_batch((hi + lo) / 2, 1), 0)
     guider(x, sigma_batch(0.99, 1), 5)
@@ -115,7 +121,7 @@ def test_slg_step_window_is_the_references():
 def test_slg_layer_out_of_range_is_a_clear_error(depth):
     m = model("sd3.5_large", depth=depth)
     with pytest.raises(ValueError) as err:
-        Guider(m, cond(m, 1), cond(m, 2), cfg=4.0, steps=4, shift=SHIFT, slg=SkipLayerGuidance(layers=(1, 99)))
+        Guider(m, cond(m, 1), cond(m, 2), request(cfg=4.0, steps=4, shift=SHIFT, slg=SkipLayerGuidance(layers=(1, 99))))
     assert str(err.value) == (
         f"slg layers: 99 is out of range for a model with {depth} joint blocks (0..{depth - 1})"
     )
@@ -142,31 +148,31 @@ def test_bad_slg_settings(kwargs, message):
 def test_bad_cfg_is_a_value_error(cfg):
     m = model("sd3.5_large")
     with pytest.raises(ValueError, match="^cfg:"):
-        Guider(m, cond(m, 1), cond(m, 2), cfg=cfg, steps=4, shift=SHIFT)
+        Guider(m, cond(m, 1), cond(m, 2), request(cfg=cfg, steps=4, shift=SHIFT))
 
 
 def test_conditioning_of_the_wrong_width_is_a_clear_error():
     m = model("sd3.5_large")
     bad = CondEntry(torch.zeros(1, 8, 100), torch.zeros(1, m.config.pooled_dim))
     with pytest.raises(ValueError, match=r"^positive\[0\] context: expected a tensor \[1, tokens, 256\]"):
-        Guider(m, bad, cond(m, 2), cfg=4.0, steps=4, shift=SHIFT)
+        Guider(m, bad, cond(m, 2), request(cfg=4.0, steps=4, shift=SHIFT))
     bad = CondEntry(torch.zeros(1, 8, 256), torch.zeros(1, 7))
     with pytest.raises(ValueError, match=r"^negative\[0\] pooled"):
-        Guider(m, cond(m, 1), bad, cfg=4.0, steps=4, shift=SHIFT)
+        Guider(m, cond(m, 1), bad, request(cfg=4.0, steps=4, shift=SHIFT))
     with pytest.raises(ValueError, match="^negative: expected at least one"):
-        Guider(m, cond(m, 1), [], cfg=4.0, steps=4, shift=SHIFT)
+        Guider(m, cond(m, 1), [], request(cfg=4.0, steps=4, shift=SHIFT))
 
 
 def _single(m, entry, x, sig):
     """An entry's denoised prediction on its own (cfg 1 of cond against itself)."""
-    return Guider(m, entry, entry, cfg=1.0, steps=4, shift=SHIFT, skip_uncond_at_cfg1=True)(x, sig, 0)
+    return Guider(m, entry, entry, request(cfg=1.0, steps=4, shift=SHIFT, skip_uncond_at_cfg1=True))(x, sig, 0)
 
 
 def test_combined_entries_are_a_strength_weighted_average():
     m = model("sd3.5_large")
     x, sig = latent(), sigma_batch(0.6, 1)
     a, b, n = cond(m, 1, strength=1.0), cond(m, 2, strength=3.0), cond(m, 3)
-    guider = Guider(m, [a, b], n, cfg=5.0, steps=4, shift=SHIFT)
+    guider = Guider(m, [a, b], n, request(cfg=5.0, steps=4, shift=SHIFT))
     pa, pb, pn = (_single(m, e, x, sig) for e in (a, b, n))
     pos = (pa * 1.0 + pb * 3.0) / 4.0
     assert_close(guider(x, sig, 0), pn + (pos - pn) * 5.0, tol=1e-5)
@@ -177,7 +183,7 @@ def test_entries_of_different_lengths_run_separately():
     m = model("sd3.5_large")
     x, sig = latent(2), sigma_batch(0.6, 2)
     a, b, n = cond(m, 1, tokens=8), cond(m, 2, tokens=12), cond(m, 3, tokens=5)
-    guider = Guider(m, [a, b], n, cfg=3.0, steps=4, shift=SHIFT)
+    guider = Guider(m, [a, b], n, request(cfg=3.0, steps=4, shift=SHIFT))
     pa, pb, pn = (_single(m, e, x, sig) for e in (a, b, n))
     assert_close(guider(x, sig, 0), pn + ((pa + pb) / 2 - pn) * 3.0, tol=1e-5)
     assert guider.stats.calls == 3
@@ -187,7 +193,7 @@ def test_timestep_ranges_switch_entries(caplog):
     m = model("sd3.5_large")
     x = latent()
     early, late, n = cond(m, 1, start=0.0, end=0.5), cond(m, 2, start=0.5, end=1.0), cond(m, 3)
-    guider = Guider(m, [early, late], n, cfg=2.0, steps=4, shift=SHIFT)
+    guider = Guider(m, [early, late], n, request(cfg=2.0, steps=4, shift=SHIFT))
     boundary = percent_to_sigma(0.5, SHIFT)
     for sigma, active in [(0.95, early), (0.3, late)]:
         sig = sigma_batch(sigma, 1)
@@ -200,7 +206,7 @@ def test_timestep_ranges_switch_entries(caplog):
     assert_close(guider(x, sig, 0), pn + (both - pn) * 2.0, tol=1e-5)
 
     # no active positive entry: that side predicts 0, as in ComfyUI, with a warning
-    only_late = Guider(m, late, n, cfg=2.0, steps=4, shift=SHIFT)
+    only_late = Guider(m, late, n, request(cfg=2.0, steps=4, shift=SHIFT))
     sig = sigma_batch(0.95, 1)
     with caplog.at_level(logging.WARNING, logger="sd35_core.guidance"):
         out = only_late(x, sig, 0)
@@ -213,8 +219,8 @@ def test_cfg_one_can_leave_out_the_negative():
     m = model("sd3.5_large")
     pos, neg = cond(m, 1), cond(m, 2)
     x, sig = latent(), sigma_batch(0.5, 1)
-    full = Guider(m, pos, neg, cfg=1.0, steps=4, shift=SHIFT)
-    fast = Guider(m, pos, neg, cfg=1.0, steps=4, shift=SHIFT, skip_uncond_at_cfg1=True)
+    full = Guider(m, pos, neg, request(cfg=1.0, steps=4, shift=SHIFT))
+    fast = Guider(m, pos, neg, request(cfg=1.0, steps=4, shift=SHIFT, skip_uncond_at_cfg1=True))
     assert_close(fast(x, sig, 0), full(x, sig, 0), tol=1e-6)
     assert fast.stats.row_blocks * 2 == full.stats.row_blocks
 
@@ -226,7 +232,7 @@ def test_controlnet_residuals_feed_the_cfg_batch_but_not_the_skip_pass():
     hint_latent = latent(seed=11)
     hint = ControlHint(cn, hint_latent, strength=0.8)
     slg = SkipLayerGuidance(layers=(2,), scale=2.0, start=0.0, end=1.0)
-    guider = Guider(m, pos, neg, cfg=4.0, steps=4, shift=SHIFT, slg=slg, controls=[hint])
+    guider = Guider(m, pos, neg, request(cfg=4.0, steps=4, shift=SHIFT, slg=slg, controls=[hint]))
     x, sig = latent(2), sigma_batch(0.8, 2)
 
     def control(xb, sigma, y):
@@ -241,7 +247,7 @@ def test_controlnet_residuals_feed_the_cfg_batch_but_not_the_skip_pass():
     # with residuals the prefixes differ, so the skip pass runs on its own
     assert guider.stats.separate_skip_steps == 1 and guider.stats.shared_prefix_steps == 0
     # and the ControlNet does change the result
-    plain = Guider(m, pos, neg, cfg=4.0, steps=4, shift=SHIFT, slg=slg)(x, sig, 1)
+    plain = Guider(m, pos, neg, request(cfg=4.0, steps=4, shift=SHIFT, slg=slg))(x, sig, 1)
     assert (plain - ours).abs().max() > 1e-3
 
 
@@ -251,7 +257,7 @@ def test_two_controlnets_sum_and_respect_their_step_windows():
     l1, l2 = latent(seed=12), latent(seed=13)
     pos, neg = cond(m, 1), cond(m, 2)
     hints = [ControlHint(cn1, l1, 1.0, 0.0, 0.5), ControlHint(cn2, l2, 0.5, 0.0, 1.0)]
-    guider = Guider(m, pos, neg, cfg=3.0, steps=4, shift=SHIFT, controls=hints)
+    guider = Guider(m, pos, neg, request(cfg=3.0, steps=4, shift=SHIFT, controls=hints))
     x, sig = latent(), sigma_batch(0.5, 1)
     depth = m.config.depth
 

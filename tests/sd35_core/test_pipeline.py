@@ -8,6 +8,7 @@
 """
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteSchedul
 from sd35_core.guidance import SkipLayerGuidance
 from sd35_core.latent import SD3_LATENT_SCALE, SD3_LATENT_SHIFT
 from sd35_core.pipeline import Interrupted, img2img, make_noise, txt2img
+from sd35_core.request import SampleRequest
 from sd35_core.samplers import SAMPLERS, StepInfo
 from sd35_core.schedule import SCHEDULES, reference_sigmas, sigmas_for
 
@@ -91,13 +93,13 @@ def test_euler_matches_diffusers_flow_match_euler(variant, batch, use_slg, denoi
     shift = 1.0 if variant == "sd3_medium" else 3.0
     slg = SkipLayerGuidance(layers=(7, 8, 9), scale=2.5, start=0.01, end=0.5) if use_slg else None
     steps = 6
-    kw = dict(steps=steps, cfg=4.0, sampler="euler", shift=shift, seed=42, slg=slg)
+    request = SampleRequest(steps=steps, cfg=4.0, sampler="euler", shift=shift, seed=42, slg=slg, denoise=denoise)
     if denoise == 1.0:
-        ours = txt2img(m, pos, neg, width=SIZE, height=SIZE, batch_size=batch, **kw)
+        ours = txt2img(m, pos, neg, request, width=SIZE, height=SIZE, batch_size=batch)
         init = None
     else:
         init = latent(batch, seed=21)
-        ours = img2img(m, pos, neg, init_latent=init, denoise=denoise, **kw)
+        ours = img2img(m, pos, neg, request, init_latent=init)
     theirs = _diffusers_euler(m, pos, neg, steps=steps, cfg=4.0, shift=shift, seed=42, batch=batch, slg=slg,
                               init=init, denoise=denoise)
     assert ours.shape == (batch, 16, SIZE // 8, SIZE // 8)
@@ -107,9 +109,10 @@ def test_euler_matches_diffusers_flow_match_euler(variant, batch, use_slg, denoi
 def test_slg_changes_the_result():
     m = model("sd3.5_medium")
     pos, neg = cond(m, 1), cond(m, 2)
-    kw = dict(width=SIZE, height=SIZE, steps=6, cfg=4.0, sampler="euler", shift=3.0, seed=1)
-    on = txt2img(m, pos, neg, slg=SkipLayerGuidance(layers=(7, 8, 9), start=0.01, end=0.5), **kw)
-    off = txt2img(m, pos, neg, **kw)
+    off_request = SampleRequest(steps=6, cfg=4.0, sampler="euler", shift=3.0, seed=1)
+    on_request = replace(off_request, slg=SkipLayerGuidance(layers=(7, 8, 9), start=0.01, end=0.5))
+    on = txt2img(m, pos, neg, on_request, width=SIZE, height=SIZE)
+    off = txt2img(m, pos, neg, off_request, width=SIZE, height=SIZE)
     assert (on - off).abs().max() > 1e-2
 
 
@@ -159,7 +162,7 @@ def test_dpmpp_2m_against_diffusers_dpmsolver():
     kw = dict(cfg=4.5, shift=3.0, seed=7)
 
     def ours(steps):
-        return txt2img(m, pos, neg, width=SIZE, height=SIZE, steps=steps, sampler="dpmpp_2m", **kw)
+        return txt2img(m, pos, neg, SampleRequest(steps=steps, sampler="dpmpp_2m", **kw), width=SIZE, height=SIZE)
 
     o6 = ours(6)
     assert_close(o6, _diffusers_dpm(_VEParamDPMSolver, m, pos, neg, steps=6, **kw))
@@ -217,22 +220,24 @@ def test_pipeline_equals_the_reference_bit_for_bit(sampler, variant, use_slg, de
     steps, cfg, shift, seed = 8, 5.0, 3.0, 123
     slg_cfg = dict(scale=2.5, start=0.01, end=0.6, layers=[7, 8, 9]) if use_slg else {}
     slg = SkipLayerGuidance(layers=(7, 8, 9), scale=2.5, start=0.01, end=0.6) if use_slg else None
-    kw = dict(steps=steps, cfg=cfg, sampler=sampler, shift=shift, seed=seed, slg=slg, share_slg_prefix=False)
+    request = SampleRequest(steps=steps, cfg=cfg, sampler=sampler, shift=shift, seed=seed, slg=slg, denoise=denoise,
+                            share_slg_prefix=False)
     if denoise == 1.0:
-        ours = txt2img(m, pos, neg, width=SIZE, height=SIZE, batch_size=batch, **kw)
+        ours = txt2img(m, pos, neg, request, width=SIZE, height=SIZE, batch_size=batch)
         ref_latent = _ref_empty_latent(batch, SIZE, SIZE, seed)
     else:
         init = latent(batch, seed=5)
-        ours = img2img(m, pos, neg, init_latent=init, denoise=denoise, **kw)
+        ours = img2img(m, pos, neg, request, init_latent=init)
         ref_latent = _in(init)
     theirs = _ref_do_sampling(m, pos, neg, latent=ref_latent, seed=seed, steps=steps, cfg=cfg, sampler=sampler,
                               shift=shift, denoise=denoise, skip_layer_config=slg_cfg)
     assert torch.equal(ours, theirs)
     if use_slg:
         # the shared SLG prefix: same result to fp32 round-off
-        shared = (txt2img(m, pos, neg, width=SIZE, height=SIZE, batch_size=batch, **(kw | {"share_slg_prefix": True}))
+        shared_request = replace(request, share_slg_prefix=True)
+        shared = (txt2img(m, pos, neg, shared_request, width=SIZE, height=SIZE, batch_size=batch)
                   if denoise == 1.0 else
-                  img2img(m, pos, neg, init_latent=init, denoise=denoise, **(kw | {"share_slg_prefix": True})))
+                  img2img(m, pos, neg, shared_request, init_latent=init))
         assert_close(shared, theirs, tol=1e-5)
 
 
@@ -246,10 +251,11 @@ def test_noise_equals_the_references_global_seeded_noise():
     assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is left alone
 
 
-def _run(m, **kw):
+def _run(m, *, width=SIZE, height=SIZE, batch_size=1, callback=None, should_cancel=None, **settings):
     pos, neg = cond(m, 1), cond(m, 2)
-    args = dict(width=SIZE, height=SIZE, steps=3, cfg=4.0, sampler="euler", shift=3.0, seed=5) | kw
-    return txt2img(m, pos, neg, **args)
+    request = SampleRequest(**(dict(steps=3, cfg=4.0, sampler="euler", shift=3.0, seed=5) | settings))
+    return txt2img(m, pos, neg, request, width=width, height=height, batch_size=batch_size, callback=callback,
+                   should_cancel=should_cancel)
 
 
 @pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "dpmpp_2m_sde"])
@@ -297,10 +303,10 @@ def test_img2img_repeats_one_init_latent_and_keeps_low_denoise_close():
     m = model("sd3.5_large", depth=2)
     pos, neg = cond(m, 1), cond(m, 2)
     init = latent(1, seed=9)
-    kw = dict(steps=10, cfg=2.0, sampler="euler", shift=3.0, seed=1)
-    out = img2img(m, pos, neg, init_latent=init, denoise=0.1, batch_size=2, **kw)
+    request = SampleRequest(steps=10, cfg=2.0, sampler="euler", shift=3.0, seed=1)
+    out = img2img(m, pos, neg, replace(request, denoise=0.1), init_latent=init, batch_size=2)
     assert out.shape == (2, 16, 8, 8)
-    strong = img2img(m, pos, neg, init_latent=init, denoise=1.0, **kw)
+    strong = img2img(m, pos, neg, request, init_latent=init)
     # one step from sigma ~0.03 barely moves the image; a full run does
     assert (out[0] - init[0]).abs().mean() < (strong[0] - init[0]).abs().mean() / 3
 
@@ -347,16 +353,16 @@ def test_too_large_image_names_the_limit():
 def test_bad_denoise(denoise):
     m = model("sd3.5_large", depth=2)
     with pytest.raises(ValueError, match="^denoise:"):
-        img2img(m, cond(m, 1), cond(m, 2), init_latent=latent(), denoise=denoise, steps=4, cfg=4.0,
-                sampler="euler", shift=3.0, seed=0)
+        img2img(m, cond(m, 1), cond(m, 2), SampleRequest(denoise=denoise, steps=4, cfg=4.0, sampler="euler",
+                                                         shift=3.0, seed=0), init_latent=latent())
 
 
 def test_bad_init_latent():
     m = model("sd3.5_large", depth=2)
-    kw = dict(denoise=0.5, steps=4, cfg=4.0, sampler="euler", shift=3.0, seed=0)
+    request = SampleRequest(denoise=0.5, steps=4, cfg=4.0, sampler="euler", shift=3.0, seed=0)
     with pytest.raises(ValueError, match=r"^init_latent: expected a latent \[B, 16, h, w\]"):
-        img2img(m, cond(m, 1), cond(m, 2), init_latent=torch.zeros(1, 4, 8, 8), **kw)
+        img2img(m, cond(m, 1), cond(m, 2), request, init_latent=torch.zeros(1, 4, 8, 8))
     with pytest.raises(ValueError, match="^init_latent: contains NaN"):
-        img2img(m, cond(m, 1), cond(m, 2), init_latent=torch.full((1, 16, 8, 8), math.nan), **kw)
+        img2img(m, cond(m, 1), cond(m, 2), request, init_latent=torch.full((1, 16, 8, 8), math.nan))
     with pytest.raises(ValueError, match="^batch_size"):
-        img2img(m, cond(m, 1), cond(m, 2), init_latent=latent(2), batch_size=3, **kw)
+        img2img(m, cond(m, 1), cond(m, 2), request, init_latent=latent(2), batch_size=3)
