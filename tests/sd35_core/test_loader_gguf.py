@@ -13,6 +13,7 @@ from bench.gguf_write import dequantized_state, patch_tensor_type, write_gguf
 from sd35_core import loader, ops, tiny
 from sd35_core.checkpoint import CheckpointError
 from sd35_core.pipeline import txt2img
+from sd35_core.request import SampleRequest
 
 from .sampling_common import cond
 
@@ -23,8 +24,8 @@ QKV = "joint_blocks.0.x_block.attn.qkv.weight"
 def _latents(model):
     """A short CFG sampling run; the latents are what the comparisons are about."""
     m = model.mmdit
-    return txt2img(m, cond(m, 1), cond(m, 2), width=64, height=64, steps=3, cfg=3.0, sampler="euler",
-                   shift=3.0, seed=7)
+    settings = SampleRequest(steps=3, cfg=3.0, sampler="euler", shift=3.0, seed=7)
+    return txt2img(m, cond(m, 1), cond(m, 2), settings, width=64, height=64)
 
 
 @pytest.fixture(scope="module", params=VARIANTS)
