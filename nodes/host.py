@@ -6,6 +6,8 @@ modules so ComfyUI can load and evict them), ``comfy.utils.ProgressBar`` and ``l
 with previews). Each has a plain fallback, so the nodes also run under pytest without ComfyUI: the CPU is
 the device, models are moved with ``.to()``, and model files are looked up in the folders named by the
 ``SD35_MODELS_DIR`` environment variable (``<dir>/checkpoints``, ``<dir>/vae`` ...) or by absolute path.
+The model bridge (``comfy.model_base`` and friends) is a second door in the same role, ``comfy_bridge.py``,
+reached only through :func:`comfy_bridge` and absent outside ComfyUI.
 
 Environment variables (all optional):
 
@@ -196,6 +198,23 @@ def soft_empty_cache() -> None:
         _mm.soft_empty_cache()
 
 
+def comfy_bridge():
+    """The ComfyUI side of the model bridge (``nodes/comfy_bridge.py``), or ``None`` outside ComfyUI.
+
+    Imported on first use, so processes without ComfyUI never touch it.
+    """
+    if not IN_COMFYUI:
+        return None
+    from . import comfy_bridge as bridge
+
+    return bridge
+
+
+def is_native_model(value) -> bool:
+    """Whether ``value`` is a ComfyUI ``MODEL`` (a ModelPatcher); always false outside ComfyUI."""
+    return _model_patcher is not None and isinstance(value, _model_patcher.ModelPatcher)
+
+
 # --------------------------------------------------------------------------------------------- memory
 
 class _Holder(torch.nn.Module):
@@ -219,13 +238,14 @@ class ManagedModule:
     """
 
     def __init__(self, module: torch.nn.Module, load_device: torch.device, offload: torch.device | None = None,
-                 name: str | None = None):
+                 name: str | None = None, patcher=None):
         self.module = module
         self.name = f"SD35{name or type(module).__name__}"
         self.load_device = torch.device(load_device)
         self.offload_device = torch.device(offload) if offload is not None else offload_device()
-        self.patcher = None
-        if _model_patcher is not None:
+        # A caller may bring its own patcher over ``module`` (the diffusion model's, see comfy_bridge.py).
+        self.patcher = patcher
+        if patcher is None and _model_patcher is not None:
             # A subclass per name, because ComfyUI's log says "Requested to load <class name>".
             holder = type(self.name, (_Holder,), {})(module)
             self.patcher = _model_patcher.ModelPatcher(holder, self.load_device, self.offload_device)

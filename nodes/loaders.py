@@ -20,7 +20,15 @@ from collections.abc import Callable, Hashable
 
 import torch
 
-from ..sd35_core.loader import TextEncoders, load_checkpoint, load_controlnet, load_text_encoder, load_vae
+from ..sd35_core.defaults import defaults_for
+from ..sd35_core.loader import (
+    DiffusionModel,
+    TextEncoders,
+    load_checkpoint,
+    load_controlnet,
+    load_text_encoder,
+    load_vae,
+)
 from . import host
 from .objects import SD35VAE, SD35Clip, SD35ControlNet, SD35Model, require_type
 
@@ -97,6 +105,17 @@ def _make_clip(text: TextEncoders, device: torch.device, source: str) -> SD35Cli
     return SD35Clip(text.clip_l, text.clip_g, text.t5, managed, source)
 
 
+def managed_diffusion(diffusion: DiffusionModel, device: torch.device) -> host.ManagedModule:
+    """The diffusion model's registration with ComfyUI: inside ComfyUI a ``ModelPatcher`` over ComfyUI's SD3
+    model wrapper (see comfy_bridge.py), so that SD35 Model to ComfyUI MODEL hands out clones of it."""
+    bridge = host.comfy_bridge()
+    patcher = None
+    if bridge is not None:
+        patcher = bridge.model_patcher(diffusion.mmdit, defaults_for(diffusion.variant).shift, device,
+                                       host.offload_device())
+    return host.ManagedModule(diffusion.mmdit, device, patcher=patcher)
+
+
 def checkpoint_names() -> list[str]:
     """Files offered by the checkpoint loader: ComfyUI's checkpoints, then diffusion_models (GGUF included)."""
     extensions = host.MODEL_EXTENSIONS + host.GGUF_EXTENSIONS
@@ -168,7 +187,7 @@ class SD35CheckpointLoader:
         # Weights are read onto the offload device; ComfyUI moves them to the GPU when a node needs them.
         text_device = host.text_encoder_device()
         parts = load_checkpoint(path, dtype, host.offload_device(), text_dtype=host.default_weight_dtype(text_device))
-        model = SD35Model(parts.model, host.ManagedModule(parts.model.mmdit, device))
+        model = SD35Model(parts.model, managed_diffusion(parts.model, device))
         clip = _make_clip(parts.text_encoders, host.text_encoder_device(), path) if parts.text_encoders else None
         vae = SD35VAE(parts.vae, host.ManagedModule(parts.vae, host.vae_device()), path) if parts.vae else None
         log.info("sd35: loaded %s (%s)%s%s", os.path.basename(path), parts.model.label,

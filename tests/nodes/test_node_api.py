@@ -6,13 +6,13 @@ import os
 import pytest
 import torch
 
-STANDARD_TYPES = {"LATENT", "IMAGE", "MASK", "CONDITIONING", "INT", "FLOAT", "STRING", "BOOLEAN"}
+STANDARD_TYPES = {"LATENT", "IMAGE", "MASK", "CONDITIONING", "INT", "FLOAT", "STRING", "BOOLEAN", "MODEL"}
 OWN_TYPES = {"SD35_MODEL", "SD35_CLIP", "SD35_VAE", "SD35_CONTROLNET"}
 EXPECTED_NODES = {
     "SD35CheckpointLoader", "SD35TextEncoderLoader", "SD35VAELoader", "SD35ControlNetLoader", "SD35TextEncode",
     "SD35EmptyLatent", "SD35Sampler", "SD35VAEDecode", "SD35VAEEncode", "SD35VAEEncodeForInpaint",
     "SD35ControlNetApply",
-    "SD35CannyPreprocessor", "SD35BlurPreprocessor", "SD35DepthNormalize",
+    "SD35CannyPreprocessor", "SD35BlurPreprocessor", "SD35DepthNormalize", "SD35ToComfyModel",
 }
 
 
@@ -47,7 +47,8 @@ def test_node_class_is_well_formed(node_classes, models_env, name):
     assert inputs, name
     for input_name, spec in inputs.items():
         kind, options = spec[0], spec[1]
-        assert isinstance(kind, list) or kind in STANDARD_TYPES | OWN_TYPES, (name, input_name, kind)
+        # A socket may take several types ("SD35_MODEL,MODEL": ComfyUI's union syntax).
+        assert isinstance(kind, list) or set(kind.split(",")) <= STANDARD_TYPES | OWN_TYPES, (name, input_name, kind)
         assert isinstance(options.get("tooltip"), str) and len(options["tooltip"]) > 10, (name, input_name)
         assert input_name in params, f"{name}.{cls.FUNCTION} has no parameter {input_name}"
         if isinstance(kind, list) and "default" in options:

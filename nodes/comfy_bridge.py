@@ -1,0 +1,182 @@
+"""ComfyUI's side of the model bridge: our MMDiT-X as a ComfyUI ``MODEL``, and ComfyUI's SD3 ``MODEL`` in our sampler.
+
+Like ``host.py`` this module is a door to ComfyUI (``comfy.model_base``, ``comfy.model_patcher``,
+``comfy.model_management``, ``comfy.supported_models``); it is imported only inside ComfyUI, through
+:func:`.host.comfy_bridge`, so every node still imports and runs under pytest without ComfyUI.
+
+Our side: the checkpoint loader registers the MMDiT-X with ComfyUI through :func:`model_patcher`, a
+``ModelPatcher`` over :class:`SD35MMDiTX` (a ``comfy.model_base.SD3`` whose ``diffusion_model`` is
+:class:`.comfy_model.ComfyMMDiT`). ``SD35 Model to ComfyUI MODEL`` hands out clones of that patcher, so
+ComfyUI's own rules for clones apply: LoRA patches of a clone are applied when it loads and taken back
+when the plain model (our sampler) loads again; the weights exist once.
+
+Their side: :func:`inspect_native` checks a native ``MODEL`` and :func:`load_native` loads it (its patches
+applied by ComfyUI) and returns what our sampler runs: our MMDiT-X over the native tensors when that is
+exact, else :class:`.comfy_model.NativePasses`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import comfy.model_base
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.model_sampling
+import comfy.patcher_extension
+import comfy.supported_models
+import torch
+
+from ..sd35_core.mmditx import MMDiTConfig, MMDiTX
+from .comfy_model import ComfyMMDiT, NativePasses, ViewRefusal, comfy_unet_config, mmdit_view, shapes_of
+
+log = logging.getLogger(__name__)
+
+# model_options entries that change how ComfyUI's own samplers guide; SD35 Sampler guides itself and
+# would silently drop them, so a model carrying one is refused with its name.
+GUIDANCE_OPTIONS = {
+    "sampler_cfg_function": "a CFG function (e.g. RescaleCFG, CFGNorm)",
+    "sampler_post_cfg_function": "a post-CFG function (e.g. SkipLayerGuidanceSD3, PerturbedAttentionGuidance)",
+    "sampler_pre_cfg_function": "a pre-CFG function (e.g. SkipLayerGuidanceDiTSimple)",
+    "sampler_calc_cond_batch_function": "a cond-batch function",
+    "model_function_wrapper": "a model function wrapper",
+    "denoise_mask_function": "a denoise-mask function",
+}
+
+
+class SD35MMDiTX(comfy.model_base.SD3):
+    """ComfyUI's SD3 model around our MMDiT-X (ComfyUI's log names models by this class name).
+
+    ``model_config`` is ComfyUI's SD3 config with the ``unet_config`` its detection would derive from
+    these weights, so its LoRA key maps (``model_lora_keys_unet``) and model sampling apply unchanged.
+    """
+
+    def __init__(self, mmdit: MMDiTX, shift: float):
+        unet_config = dict(comfy_unet_config(mmdit.config), disable_unet_model_creation=True)
+        model_config = comfy.supported_models.SD3(unet_config)
+        model_config.sampling_settings["shift"] = float(shift)
+        model_config.set_inference_dtype(mmdit.compute_dtype, None)
+        super().__init__(model_config)
+        self.diffusion_model = ComfyMMDiT(mmdit)
+
+
+def _apply_skipped_patches(patcher, device_to, lowvram_model_memory, force_patch_weights, full_load) -> None:
+    """After a load: apply the weight patches ComfyUI left for later.
+
+    In a partial (low-VRAM) load ComfyUI defers patches to its own layers' on-the-fly casts; our layers
+    have none, so a deferred patch would be lost. Applying it here makes it a regular patch (backed up
+    and taken back by ComfyUI as any other).
+    """
+    for key in list(patcher.patches):
+        if key not in patcher.backup:
+            patcher.patch_weight_to_device(key, device_to=device_to)
+
+
+def model_patcher(mmdit: MMDiTX, shift: float, load_device: torch.device, offload_device: torch.device):
+    """The ``ModelPatcher`` that registers our MMDiT-X with ComfyUI (see the module doc)."""
+    patcher = comfy.model_patcher.ModelPatcher(SD35MMDiTX(mmdit, shift), load_device, offload_device)
+    patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_LOAD, _apply_skipped_patches)
+    return patcher
+
+
+def with_shift(patcher, shift: float):
+    """A clone of ``patcher`` sampling with ``shift`` (what ComfyUI's ModelSamplingSD3 node does)."""
+    clone = patcher.clone()
+    current = patcher.get_model_object("model_sampling")
+    if float(getattr(current, "shift", -1.0)) == float(shift):
+        return clone
+
+    class ModelSamplingSD35(comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.CONST):
+        pass
+
+    sampling = ModelSamplingSD35(patcher.model.model_config)
+    sampling.set_parameters(shift=float(shift), multiplier=1000)
+    clone.add_object_patch("model_sampling", sampling)
+    return clone
+
+
+# ----------------------------------------------------------------------------------------- native MODELs
+
+@dataclass(eq=False)
+class NativeModel:
+    """A native ComfyUI SD3 / SD3.5 ``MODEL``, as checked by :func:`inspect_native`."""
+
+    patcher: object  # comfy.model_patcher.ModelPatcher
+    config: MMDiTConfig
+    shift: float  # of its model sampling (ModelSamplingSD3 changes it)
+
+    @property
+    def variant(self) -> str:
+        return self.config.variant
+
+    @property
+    def device(self) -> torch.device:
+        return self.patcher.load_device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        model = self.patcher.model
+        dtype = model.manual_cast_dtype or model.get_dtype()
+        return torch.bfloat16 if dtype.itemsize == 1 else dtype
+
+
+def is_native_model(value) -> bool:
+    return isinstance(value, comfy.model_patcher.ModelPatcher)
+
+
+def inspect_native(patcher, node: str) -> NativeModel:
+    """Check that ``patcher`` is an SD3-family ``MODEL`` our sampler can honour; ValueError naming what is not."""
+    model = patcher.model
+    if not isinstance(model, comfy.model_base.SD3):
+        raise ValueError(f"{node}: the model input is a ComfyUI {type(model).__name__} model; the SD35 nodes run "
+                         "SD3 / SD3.5 models only")
+    sampling = patcher.get_model_object("model_sampling")
+    if not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscreteFlow) or sampling.multiplier != 1000:
+        raise ValueError(f"{node}: the model's sampling is {type(sampling).__name__}; SD3 models sample as a "
+                         "discrete flow with multiplier 1000 (remove the node that changed it)")
+    options = patcher.model_options
+    refused = [f"{what} ({key})" for key, what in GUIDANCE_OPTIONS.items() if options.get(key)]
+    if any(w for by_key in patcher.wrappers.values() for w in by_key.values()):
+        refused.append("sampling wrappers")
+    if options.get("transformer_options", {}).get("wrappers"):
+        refused.append("transformer wrappers")
+    if patcher.hook_patches or patcher.forced_hooks is not None or patcher.additional_models:
+        refused.append("hooks or attached models")
+    if refused:
+        raise ValueError(f"{node}: the model carries {', '.join(refused)}, which only ComfyUI's own samplers apply; "
+                         "sample it with KSampler / SamplerCustomAdvanced, or use this sampler's own skip-layer "
+                         "guidance instead")
+    try:
+        config = MMDiTConfig.from_shapes(shapes_of(model.diffusion_model))
+    except ValueError as e:
+        raise ValueError(f"{node}: the model's diffusion model is not an SD3 MMDiT: {e}") from None
+    return NativeModel(patcher, config, float(sampling.shift))
+
+
+def load_native(native: NativeModel, extra: list, memory_required: int) -> tuple[MMDiTX, str]:
+    """Load ``native`` (and the ``extra`` patchers used with it) the way ComfyUI's samplers do, with its
+    weight and object patches applied, and return what our sampler runs plus which path that is:
+    ``"view"`` (our MMDiT-X over the native tensors, exact and with the shared skip-layer prefix) or
+    ``"native"`` (:class:`NativePasses`: whole native passes, for block patches and weight types our
+    layers cannot run)."""
+    patcher = native.patcher
+    mm.load_models_gpu([patcher, *extra], memory_required=memory_required)
+    diffusion = patcher.model.diffusion_model
+    options = patcher.model_options.get("transformer_options", {})
+    object_patches = [k for k in patcher.object_patches if k != "model_sampling"]
+    reason: str | None = None
+    if any(options.get(k) for k in ("patches", "patches_replace")):
+        reason = "it carries transformer patches"
+    elif object_patches:
+        reason = f"it carries object patches ({', '.join(object_patches)})"
+    else:
+        view = mmdit_view(diffusion, native.compute_dtype)
+        if isinstance(view, ViewRefusal):
+            reason = view.reason
+        else:
+            log.info("sd35: native %s model sampled by our MMDiT-X over its own weights", native.config.variant)
+            return view, "view"
+    log.info("sd35: native %s model run through its own forward pass per model call (%s); skip-layer "
+             "guidance runs as a separate pass", native.config.variant, reason)
+    return NativePasses(diffusion, native.config, native.compute_dtype, options), "native"
