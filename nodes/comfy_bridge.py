@@ -73,9 +73,27 @@ def _apply_skipped_patches(patcher, device_to, lowvram_model_memory, force_patch
             patcher.patch_weight_to_device(key, device_to=device_to)
 
 
+class SD35ModelPatcher(comfy.model_patcher.ModelPatcher):
+    """ComfyUI's ModelPatcher, refusing weight patches it would apply wrongly to our layers.
+
+    A GGUF-quantized layer keeps raw block bytes under its official key; ComfyUI's LoRA arithmetic on those
+    bytes would not be the LoRA, so a patch that reaches one is an error naming the key.
+    """
+
+    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+        quantized = {f"diffusion_model.{name}.weight" for name, m in self.model.diffusion_model.named_modules()
+                     if getattr(m, "weight_quant", None) is not None}
+        hit = sorted(k if isinstance(k, str) else k[0] for k in patches
+                     if (k if isinstance(k, str) else k[0]) in quantized)
+        if hit:
+            raise ValueError(f"SD35 MODEL: {len(hit)} patched weights are GGUF-quantized (e.g. {hit[0]}); ComfyUI's "
+                             "weight patches cannot apply to quantized blocks; use a safetensors model for them")
+        return super().add_patches(patches, strength_patch, strength_model)
+
+
 def model_patcher(mmdit: MMDiTX, shift: float, load_device: torch.device, offload_device: torch.device):
     """The ``ModelPatcher`` that registers our MMDiT-X with ComfyUI (see the module doc)."""
-    patcher = comfy.model_patcher.ModelPatcher(SD35MMDiTX(mmdit, shift), load_device, offload_device)
+    patcher = SD35ModelPatcher(SD35MMDiTX(mmdit, shift), load_device, offload_device)
     patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_LOAD, _apply_skipped_patches)
     return patcher
 
@@ -157,9 +175,9 @@ def inspect_native(patcher, node: str) -> NativeModel:
 def load_native(native: NativeModel, extra: list, memory_required: int) -> tuple[MMDiTX, str]:
     """Load ``native`` (and the ``extra`` patchers used with it) the way ComfyUI's samplers do, with its
     weight and object patches applied, and return what our sampler runs plus which path that is:
-    ``"view"`` (our MMDiT-X over the native tensors, exact and with the shared skip-layer prefix) or
-    ``"native"`` (:class:`NativePasses`: whole native passes, for block patches and weight types our
-    layers cannot run)."""
+    ``"view"`` (our MMDiT-X over the native tensors, exact and with the shared skip-layer prefix),
+    ``"ours"`` (a MODEL made by SD35 Model to ComfyUI MODEL: our MMDiT-X itself) or ``"native"``
+    (:class:`NativePasses`: whole native passes, for block patches and weight types our layers cannot run)."""
     patcher = native.patcher
     mm.load_models_gpu([patcher, *extra], memory_required=memory_required)
     diffusion = patcher.model.diffusion_model
@@ -170,6 +188,10 @@ def load_native(native: NativeModel, extra: list, memory_required: int) -> tuple
         reason = "it carries transformer patches"
     elif object_patches:
         reason = f"it carries object patches ({', '.join(object_patches)})"
+    elif isinstance(diffusion, ComfyMMDiT):
+        # Our own model come back through ComfyUI (e.g. after its LoraLoader): its patches are in place.
+        log.info("sd35: our %s model sampled after ComfyUI's patches", native.config.variant)
+        return diffusion.mmdit, "ours"
     else:
         view = mmdit_view(diffusion, native.compute_dtype)
         if isinstance(view, ViewRefusal):
