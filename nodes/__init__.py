@@ -4,6 +4,7 @@ from .bridge import SD35ToComfyModel
 from .controlnet import SD35BlurPreprocessor, SD35CannyPreprocessor, SD35ControlNetApply, SD35DepthNormalize
 from .latent_vae import SD35EmptyLatent, SD35VAEDecode, SD35VAEEncode, SD35VAEEncodeForInpaint
 from .loaders import SD35CheckpointLoader, SD35ControlNetLoader, SD35TextEncoderLoader, SD35VAELoader
+from .lora import SD35LoraLoader
 from .sampling import SD35Sampler
 from .text import SD35TextEncode
 
@@ -12,6 +13,7 @@ NODE_CLASS_MAPPINGS = {
     "SD35TextEncoderLoader": SD35TextEncoderLoader,
     "SD35VAELoader": SD35VAELoader,
     "SD35ControlNetLoader": SD35ControlNetLoader,
+    "SD35LoraLoader": SD35LoraLoader,
     "SD35TextEncode": SD35TextEncode,
     "SD35EmptyLatent": SD35EmptyLatent,
     "SD35Sampler": SD35Sampler,
@@ -30,6 +32,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SD35TextEncoderLoader": "SD3.5 Text Encoder Loader (CLIP-L, CLIP-G, T5)",
     "SD35VAELoader": "SD3.5 VAE Loader",
     "SD35ControlNetLoader": "SD3.5 ControlNet Loader",
+    "SD35LoraLoader": "SD3.5 LoRA Loader",
     "SD35TextEncode": "SD3.5 Text Encode",
     "SD35EmptyLatent": "SD3.5 Empty Latent",
     "SD35Sampler": "SD3.5 Sampler (CFG + Skip-Layer Guidance)",

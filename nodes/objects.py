@@ -3,6 +3,11 @@
 Each object pairs the loaded sd35_core module with its :class:`~.host.ManagedModule`, so every node asks
 ComfyUI's model management for the room before computing and the loaders' cache hands back the same object
 (and the same registration) on a re-queue.
+
+SD35_MODEL and SD35_CLIP also carry ``loras``: the ordered ``(LoraPatches, strength)`` stack that the LoRA
+node appends to. A LoRA'd object is a new, light object sharing the loaded module; the sampler and the text
+encode node apply its stack only while they run, so the input object, and every other branch of the graph
+that uses it, stays the unpatched base.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import torch
 
 from ..sd35_core.controlnet import ControlNet
 from ..sd35_core.loader import DiffusionModel
+from ..sd35_core.lora import LoraPatches
 from ..sd35_core.vae import VAE
 from . import host
 
@@ -23,6 +29,7 @@ class SD35Model:
 
     diffusion: DiffusionModel
     managed: host.ManagedModule
+    loras: tuple[tuple[LoraPatches, float], ...] = ()
 
     @property
     def mmdit(self):
@@ -55,10 +62,16 @@ class SD35Clip:
     managed: host.ManagedModule
     source: str
     _encoder: object | None = field(default=None, repr=False)
+    loras: tuple[tuple[LoraPatches, float], ...] = ()
 
     @property
     def device(self) -> torch.device:
         return self.managed.load_device
+
+    @property
+    def modules(self) -> torch.nn.Module:
+        """The encoders as one module (children ``clip_l``, ``clip_g``, ``t5xxl``): what LoRAs patch."""
+        return self.managed.module
 
 
 @dataclass(eq=False)

@@ -18,6 +18,7 @@ from ..sd35_core.samplers import SAMPLERS
 from ..sd35_core.schedule import SCHEDULES
 from . import host
 from .conditioning import ControlSpec, to_entries
+from .lora import lora_context
 from .objects import SD35Model, require_type
 
 log = logging.getLogger(__name__)
@@ -183,11 +184,13 @@ class SD35Sampler:
             progress.update(info.index, info.total, info.denoised)
 
         hooks = dict(callback=callback, should_cancel=host.check_interrupt)
-        if request.denoise == 1.0:
-            b, _, h, w = samples.shape
-            out = pipeline.txt2img(model.mmdit, pos, neg, request, width=w * 8, height=h * 8, batch_size=b, **hooks)
-        else:
-            out = pipeline.img2img(model.mmdit, pos, neg, request, init_latent=samples, **hooks)
+        with lora_context(model, model.mmdit):  # the LoRA stack, merged for this run and undone after it
+            if request.denoise == 1.0:
+                b, _, h, w = samples.shape
+                out = pipeline.txt2img(model.mmdit, pos, neg, request, width=w * 8, height=h * 8, batch_size=b,
+                                       **hooks)
+            else:
+                out = pipeline.img2img(model.mmdit, pos, neg, request, init_latent=samples, **hooks)
         result = {k: v for k, v in latent.items() if k != "noise_mask"}
         result["samples"] = out.to(device="cpu", dtype=torch.float32)
         return (result,)

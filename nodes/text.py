@@ -6,6 +6,7 @@ from ..sd35_core.text_encoder import SD3TextEncoder
 from ..sd35_core.tokenization import T5_MAX_LENGTH, T5_MIN_LENGTH, SD3Tokenizer, find_tokenizer_files
 from . import host
 from .conditioning import make_conditioning
+from .lora import lora_context
 from .objects import SD35Clip, require
 
 NODE = "SD35 Text Encode"
@@ -69,13 +70,14 @@ class SD35TextEncode:
         encoder = text_encoder(clip)
         clip.managed.load()
         try:
-            context, pooled = encoder.encode(
-                text,
-                clip_l_prompt=clip_l_text or None,
-                clip_g_prompt=clip_g_text or None,
-                t5_prompt=t5xxl_text or None,
-                t5_max_length=t5_max_length,
-            )
+            with lora_context(clip, clip.modules):
+                context, pooled = encoder.encode(
+                    text,
+                    clip_l_prompt=clip_l_text or None,
+                    clip_g_prompt=clip_g_text or None,
+                    t5_prompt=t5xxl_text or None,
+                    t5_max_length=t5_max_length,
+                )
         finally:
             clip.managed.unload()  # text encoders leave the GPU right after encoding
         return (make_conditioning(context, pooled),)

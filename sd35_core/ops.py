@@ -29,8 +29,13 @@ def materialize_weight(layer: nn.Module, dtype: torch.dtype, device: torch.devic
     """
     quant: QuantFormat | None = getattr(layer, "weight_quant", None)
     if quant is not None:
-        return quant.dequantize(layer.weight.to(device), dtype)
-    return layer.weight.to(device=device, dtype=dtype)
+        weight = quant.dequantize(layer.weight.to(device), dtype)
+    else:
+        weight = layer.weight.to(device=device, dtype=dtype)
+    # ``weight_patch`` is set only while a LoRA is applied at compute time (sd35_core.lora.apply): storage
+    # that would round the update away (fp8, GGUF blocks) gets it here, in the compute dtype.
+    patch = getattr(layer, "weight_patch", None)
+    return weight if patch is None else patch(weight)
 
 
 def store_quantized_weight(layer: nn.Module, weight: QuantizedTensor) -> None:
@@ -50,11 +55,15 @@ def _cast(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
 
 
 class Linear(nn.Linear):
+    weight_patch = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, materialize_weight(self, x.dtype, x.device), _cast(self.bias, x))
 
 
 class Conv2d(nn.Conv2d):
+    weight_patch = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, materialize_weight(self, x.dtype, x.device), _cast(self.bias, x))
 

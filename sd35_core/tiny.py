@@ -244,6 +244,38 @@ def write_controlnet(path: str | os.PathLike, control_type: str = "canny", seed:
     return save_state(path, {"": state})
 
 
+def _lora_pairs(module: nn.Module, prefix: str, rank: int, gen: torch.Generator, select) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, w in module.state_dict().items():
+        if w.ndim != 2 or not key.endswith(".weight") or not select(key):
+            continue
+        name = prefix + key[: -len(".weight")].replace(".", "_")
+        out[name + ".lora_down.weight"] = torch.randn(rank, w.shape[1], generator=gen) / math.sqrt(w.shape[1])
+        out[name + ".lora_up.weight"] = 0.2 * torch.randn(w.shape[0], rank, generator=gen) / math.sqrt(rank)
+        out[name + ".alpha"] = torch.tensor(rank / 2.0)
+    return out
+
+
+def write_lora(path: str | os.PathLike, variant: str = "sd3.5_large", *, seed: int = 0, rank: int = 4,
+               text_encoders: bool = True) -> str:
+    """A seeded kohya-format LoRA (``lora_unet_*``, ``lora_te1/2/3_*``) for the tiny ``variant`` model set.
+
+    Every linear layer of the diffusion model (``.weight`` matrices) gets a rank-``rank`` update with
+    ``alpha = rank / 2``; with ``text_encoders`` the CLIP and T5 attention and MLP layers get one too.
+    """
+    gen = torch.Generator().manual_seed(1000 + seed)
+    tensors = _lora_pairs(tiny_mmdit(variant, seed), "lora_unet_", rank, gen, lambda k: True)
+    if text_encoders:
+        clip_layers = lambda k: ".encoder.layers." in k  # noqa: E731
+        tensors |= _lora_pairs(tiny_clip("clip_l", seed + 2), "lora_te1_", rank, gen, clip_layers)
+        tensors |= _lora_pairs(tiny_clip("clip_g", seed + 3), "lora_te2_", rank, gen, clip_layers)
+        tensors |= _lora_pairs(tiny_t5(seed + 4), "lora_te3_", rank, gen, lambda k: ".SelfAttention." in k)
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    save_file(tensors, path, metadata={"ss_network_module": "networks.lora"})
+    return path
+
+
 @dataclass(frozen=True)
 class TinyModelSet:
     """Paths of a tiny model set laid out like a ComfyUI ``models`` folder."""
@@ -254,6 +286,7 @@ class TinyModelSet:
     text_encoders: dict[str, str]  # clip_l / clip_g / t5xxl -> HF-layout file
     vae: str
     controlnets: dict[str, str]  # blur / canny / depth -> release-layout file for the Large-like model
+    lora: str = ""  # kohya-format LoRA for the Large-like model and the text encoders
 
 
 def write_tiny_model_set(directory: str | os.PathLike, seed: int = 0) -> TinyModelSet:
@@ -273,5 +306,6 @@ def write_tiny_model_set(directory: str | os.PathLike, seed: int = 0) -> TinyMod
                             seed=seed + 10 + i)
         for i, t in enumerate(("blur", "canny", "depth"))
     }
+    lora = write_lora(os.path.join(root, "loras", "tiny-sd3.5_large_lora.safetensors"), "sd3.5_large", seed=seed)
     return TinyModelSet(root, checkpoints, bare, write_text_encoders(sub["text_encoders"], seed), vae_path,
-                        controlnets)
+                        controlnets, lora)

@@ -13,6 +13,7 @@ EXPECTED_NODES = {
     "SD35EmptyLatent", "SD35Sampler", "SD35VAEDecode", "SD35VAEEncode", "SD35VAEEncodeForInpaint",
     "SD35ControlNetApply",
     "SD35CannyPreprocessor", "SD35BlurPreprocessor", "SD35DepthNormalize", "SD35ToComfyModel",
+    "SD35LoraLoader",
 }
 
 
