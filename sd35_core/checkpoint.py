@@ -1,12 +1,16 @@
 """Reading ``.safetensors`` checkpoints: validation, key prefixes, and loading weights into modules.
 
-Weights are memory-mapped by safetensors and converted once, straight into their storage dtype, so a
-checkpoint never exists twice in memory. Pickle-based formats are refused: they can run code on load.
+A tensor already in its storage dtype is a zero-copy view of the memory-mapped file. One that needs a dtype
+conversion is read with plain file reads through a small reusable buffer and converted chunk by chunk
+straight into its final tensor: the file's pages are then never mapped into the process (so they do not
+add to its resident memory on top of the converted weights), and each byte is read and converted once.
+Pickle-based formats are refused: they can run code on load.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterable, Mapping
@@ -20,6 +24,16 @@ from . import ops
 from .gguf.tensor import QuantizedTensor
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+# safetensors dtype names -> torch dtypes (the ones SD3 files use, and a few more)
+FILE_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+# Bytes per read of a converted tensor: large enough that per-call overhead vanishes, small enough to stay
+# in cache between the read and the conversion.
+READ_CHUNK_BYTES = 8 * 2**20
 
 
 class CheckpointError(ValueError):
@@ -59,8 +73,9 @@ class SafetensorsFile:
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         self.name = os.path.basename(self.path)
-        self._header, self.metadata = _read_header(self.path)
+        self._header, self.metadata, self._data_start = _read_header(self.path)
         self._handle = safe_open(self.path, framework="pt", device="cpu")
+        self._buffer: torch.Tensor | None = None
 
     def keys(self) -> list[str]:
         return list(self._header)
@@ -76,8 +91,43 @@ class SafetensorsFile:
         n = len(prefix)
         return {k[n:]: tuple(v["shape"]) for k, v in self._header.items() if k.startswith(prefix)}
 
+    def dtype(self, key: str) -> torch.dtype:
+        name = self._header[key]["dtype"]
+        if name not in FILE_DTYPES:
+            raise self.error(f"tensor '{key}' in a supported dtype ({', '.join(FILE_DTYPES)}); found {name}")
+        return FILE_DTYPES[name]
+
     def tensor(self, key: str) -> torch.Tensor:
+        """The tensor as stored: a zero-copy view of the memory-mapped file."""
         return self._handle.get_tensor(key)
+
+    def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
+        """Fill ``out`` (same number of elements, any dtype and device) with tensor ``key``, converting.
+
+        Reads go through one reusable CPU buffer, so converting costs one pass over the file's bytes and
+        no second full-size copy of the tensor.
+        """
+        src_dtype = self.dtype(key)
+        begin, end = self._header[key]["data_offsets"]
+        if out.numel() != math.prod(self.shape(key)):
+            raise ValueError(f"read_into '{key}': {out.numel()} elements in out, {math.prod(self.shape(key))} stored")
+        flat = out.view(-1)
+        item = src_dtype.itemsize
+        step = max(item, READ_CHUNK_BYTES // item * item)
+        if self._buffer is None or self._buffer.numel() < min(step, end - begin):
+            self._buffer = torch.empty(min(step, max(end - begin, item)), dtype=torch.uint8)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self._data_start + begin)
+            pos = begin
+            while pos < end:
+                n = min(step, end - pos)
+                chunk = self._buffer[:n]
+                if f.readinto(memoryview(chunk.numpy())) != n:
+                    raise self.error(f"tensor '{key}' of {end - begin} bytes; the file ended early")
+                first = (pos - begin) // item
+                flat[first : first + n // item].copy_(chunk.view(src_dtype))
+                pos += n
+        return out
 
     def error(self, expected: str) -> CheckpointError:
         return CheckpointError(f"{self.path}: expected {expected}")
@@ -102,7 +152,7 @@ def open_safetensors(path: str | os.PathLike) -> SafetensorsFile:
     return SafetensorsFile(path)
 
 
-def _read_header(path: str) -> tuple[dict, dict]:
+def _read_header(path: str) -> tuple[dict, dict, int]:
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -124,7 +174,7 @@ def _read_header(path: str) -> tuple[dict, dict]:
         raise CheckpointError(
             f"{path}: file is truncated ({size} bytes, the header describes {8 + n + end}); download it again"
         )
-    return header, metadata
+    return header, metadata, 8 + n
 
 
 def find_prefix(keys: Iterable[str], marker: str) -> str | None:
@@ -136,6 +186,20 @@ def find_prefix(keys: Iterable[str], marker: str) -> str | None:
             if best is None or len(prefix) < len(best):
                 best = prefix
     return best
+
+
+def _target_dtype(stored: torch.dtype, name: str, policy: DTypePolicy, fp8_keys: set[str]) -> torch.dtype:
+    if not stored.is_floating_point:
+        return stored
+    if policy.storage == torch.float8_e4m3fn and name not in fp8_keys:
+        return policy.compute
+    return policy.storage
+
+
+def _safetensors_weight(file: SafetensorsFile, key: str, dtype: torch.dtype, device) -> torch.Tensor:
+    if dtype == file.dtype(key) and torch.device(device).type == "cpu":
+        return file.tensor(key)  # zero-copy view of the mapped file
+    return file.read_into(key, torch.empty(file.shape(key), dtype=dtype, device=device))
 
 
 def load_weights(
@@ -175,6 +239,9 @@ def load_weights(
             raise file.error(
                 f"'{src}' of shape {tuple(target.shape)} for {type(module).__name__}; found {file.shape(src)}"
             )
+        if isinstance(file, SafetensorsFile):
+            state[name] = _safetensors_weight(file, src, _target_dtype(file.dtype(src), name, policy, fp8_keys), device)
+            continue
         t = file.tensor(src)
         if isinstance(t, QuantizedTensor):
             layer_name, _, leaf = name.rpartition(".")

@@ -92,6 +92,33 @@ def test_weights_load_straight_into_the_requested_dtype(tiny_file, name):
     assert module.lin(torch.randn(2, 4, dtype=policy.compute)).dtype == policy.compute
 
 
+@pytest.mark.parametrize("stored", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("target", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
+def test_converted_reads_equal_a_cast_of_the_stored_tensor_across_chunk_boundaries(tmp_path, monkeypatch, stored,
+                                                                                 target):
+    from sd35_core import checkpoint
+
+    # 7-byte chunks: never a whole number of elements per read for 2- and 4-byte dtypes, and odd tails.
+    monkeypatch.setattr(checkpoint, "READ_CHUNK_BYTES", 7)
+    gen = torch.Generator().manual_seed(1)
+    tensors = {"a": torch.randn(5, 3, generator=gen).to(stored), "b": torch.randn(1, generator=gen).to(stored)}
+    file = open_safetensors(_write(tmp_path / "f.safetensors", tensors))
+    for key, t in tensors.items():
+        out = file.read_into(key, torch.empty(t.shape, dtype=target))
+        assert torch.equal(out.float(), t.to(target).float())
+
+
+def test_weights_already_in_their_storage_dtype_are_views_of_the_mapped_file(tiny_file):
+    path, state = tiny_file
+    with torch.device("meta"):
+        module = Tiny()
+    file = open_safetensors(path)
+    load_weights(module, file, "model.", DTypePolicy.named("fp32"))
+    # A view of the file's mapping shares its storage with every other view of the same tensor.
+    mapped = file.tensor("model.lin.weight")
+    assert module.lin.weight.untyped_storage().data_ptr() == mapped.untyped_storage().data_ptr()
+
+
 def test_fp8_storage_keeps_linear_matrices_in_fp8_and_computes_in_bf16(tiny_file):
     path, state = tiny_file
     policy = DTypePolicy.named("fp8_e4m3fn")
