@@ -1,0 +1,185 @@
+"""The run itself: prompts and seeds, conditioning, one SampleRequest per image, sampling, decoding, saving."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import secrets
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TextIO
+
+import torch
+
+from ..main import UsageError
+from .images import control_type_of, decode_image, encode_inputs
+from .models import LoadedModels, inspect_model, load_models, pick_device
+from .options import RAND_SEED_LIMIT, SEED_TYPES, GenerateOptions, options_from_args, validate_options
+from .output import GenerateResult, output_dir, save_latents
+from .progress import ProgressBar, peak_memory
+from .settings import Settings, defaults_entry, resolve_settings, settings_summary, slg_requested
+
+
+def read_prompts(prompt: str) -> list[str]:
+    """The prompts to run: the text itself, or each line (stripped) of a ``.txt`` file, as the reference."""
+    if os.path.splitext(prompt)[-1] == ".txt":
+        if not os.path.isfile(prompt):
+            raise UsageError(f"--prompt {prompt}: no such prompt file (a prompt ending in .txt is read as a file)")
+        with open(prompt, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f.readlines()]
+        if not prompts:
+            raise UsageError(f"--prompt {prompt}: the prompt file is empty")
+        return prompts
+    return [prompt]
+
+
+def seeds_for(seed: int, seed_type: str, count: int, rand: Callable[[], int] | None = None) -> list[int]:
+    """Seed of each prompt: ``fixed`` repeats ``seed``, ``roll`` counts up from it, ``rand`` draws fresh ones."""
+    if seed_type == "fixed":
+        return [seed] * count
+    if seed_type == "roll":
+        return [seed + i for i in range(count)]
+    if seed_type == "rand":
+        draw = rand or (lambda: secrets.randbelow(RAND_SEED_LIMIT))
+        return [int(draw()) for _ in range(count)]
+    raise UsageError(f"--seed_type: expected one of {', '.join(SEED_TYPES)}, got {seed_type!r}")
+
+
+def _loaded_settings(opts: GenerateOptions, loaded: LoadedModels, say: Callable[[str], None]) -> Settings:
+    """The run's settings for the loaded model (and ControlNet), announced on the log."""
+    model = loaded.model
+    cn_type = control_type_of(loaded, opts) if loaded.controlnet is not None else None
+    model_row, cn_row = defaults_entry(opts.model, model.variant, opts.controlnet_ckpt, cn_type)
+    if opts.skip_layer_cfg and not slg_requested(opts):
+        from sd35_core.defaults import DEFAULTS
+
+        if DEFAULTS[model_row].slg is None:
+            say(f"note: --skip_layer_cfg: {DEFAULTS[model_row].label} has no recommended skip-layer guidance, so "
+                "none is applied (as the reference); give --slg_layers/--slg_scale to use it anyway")
+    settings = resolve_settings(opts, model_row, cn_row, model.config.depth)
+    say(f"{model.label} ({model_row} defaults): {settings.steps} steps, cfg {settings.cfg}, shift {settings.shift}, "
+        f"{settings.sampler}" + (f", SLG layers {list(settings.slg.layers)} scale {settings.slg.scale}"
+                                  if settings.slg else ""))
+    return settings
+
+
+def generate(opts: GenerateOptions, *, log: TextIO | None = None, now: datetime.datetime | None = None,
+             loaded: LoadedModels | None = None, quiet: bool = False) -> GenerateResult:
+    """Run ``sd35 generate`` with ``opts``: load, encode, sample, decode and save; returns what was done.
+
+    Progress and messages go to ``log`` (default stderr); ``quiet`` keeps only the progress bar and notes.
+    ``loaded`` reuses models loaded by :func:`load_models` with the same options.
+    """
+    from sd35_core.guidance import CondEntry
+    from sd35_core.pipeline import img2img, txt2img
+    from sd35_core.request import SampleRequest
+
+    log = log if log is not None else sys.stderr
+    t_start = time.perf_counter()
+
+    def say(msg: str) -> None:
+        if not quiet or msg.startswith("note:"):
+            print(msg, file=log, flush=True)
+
+    validate_options(opts)
+    prompts = read_prompts(opts.prompt)
+    device = pick_device(opts.device)
+    seconds: dict[str, float] = {}
+
+    out_dir = output_dir(opts.out_dir, opts.model, opts.prompt, opts.postfix, opts.controlnet_ckpt, now)
+    if os.path.exists(out_dir):
+        raise UsageError(f"output folder {out_dir} already exists; choose another --postfix or --out_dir")
+    if loaded is None:
+        # Settings that do not fit the model fail here, before gigabytes of weights are read.
+        config, variant = inspect_model(opts.model)
+        config.check_image_size(opts.width, opts.height)
+        resolve_settings(opts, defaults_entry(opts.model, variant)[0], "", config.depth)
+        t = time.perf_counter()
+        loaded = load_models(opts, device, say)
+        seconds["load"] = time.perf_counter() - t
+    model = loaded.model
+    model.config.check_image_size(opts.width, opts.height)
+
+    settings = _loaded_settings(opts, loaded, say)
+
+    t = time.perf_counter()
+    init, controls, shown = encode_inputs(loaded, opts, say)
+    seconds["encode_images"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    neg_context, neg_pooled = loaded.text.encode(opts.negative_prompt)
+    negative = CondEntry(neg_context, neg_pooled)
+    seconds["encode_text"] = time.perf_counter() - t
+
+    seeds = seeds_for(opts.seed, opts.seed_type, len(prompts))
+    request = SampleRequest(steps=settings.steps, cfg=settings.cfg, sampler=settings.sampler, shift=settings.shift,
+                            seed=seeds[0], denoise=opts.denoise if init is not None else 1.0, slg=settings.slg,
+                            controls=controls)
+    os.makedirs(out_dir, exist_ok=False)
+    control_file = None
+    if shown is not None:
+        control_file = os.path.join(out_dir, "control.png")
+        shown.save(control_file)
+    files: list[str] = []
+    latents: list[torch.Tensor] = []
+    steps_run = 0
+    seconds.setdefault("sample", 0.0)
+    seconds.setdefault("decode", 0.0)
+    for i, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
+        t = time.perf_counter()
+        context, pooled = loaded.text.encode(prompt)
+        seconds["encode_text"] += time.perf_counter() - t
+        positive = CondEntry(context, pooled)
+        run_steps = settings.steps - (0 if init is None else int(settings.steps * (1 - opts.denoise)))
+        bar = ProgressBar(run_steps, label=f"image {i + 1}/{len(prompts)} seed {seed}", stream=log)
+        request = replace(request, seed=seed)
+        t = time.perf_counter()
+        if init is None:
+            latent = txt2img(model.mmdit, positive, negative, request, width=opts.width, height=opts.height,
+                             callback=bar.step_callback)
+        else:
+            latent = img2img(model.mmdit, positive, negative, request, init_latent=init, callback=bar.step_callback)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds["sample"] += time.perf_counter() - t
+        bar.close()
+        steps_run = run_steps
+        latent = latent.float().cpu()
+        latents.append(latent)
+        t = time.perf_counter()
+        image = decode_image(loaded.vae, latent)
+        path = os.path.join(out_dir, f"{i:06d}.png")
+        image.save(path)
+        seconds["decode"] += time.perf_counter() - t
+        files.append(path)
+        if opts.verbose:
+            say(f"Saved {path}")
+
+    all_latents = torch.cat(latents)
+    latent_file = None
+    if opts.save_latent:
+        latent_file = save_latents(opts.save_latent, all_latents)
+    seconds["total"] = time.perf_counter() - t_start
+    return GenerateResult(
+        out_dir=out_dir, files=files, prompts=prompts, seeds=seeds, model=opts.model, variant=model.variant,
+        settings=settings_summary(settings, opts), width=opts.width, height=opts.height, device=str(device),
+        seconds=seconds, steps_run=steps_run, memory=peak_memory(device), latent_file=latent_file,
+        control_image_file=control_file, latents=all_latents,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """``sd35 generate``: parse, run, report (JSON on stdout with ``--json``)."""
+    import json
+
+    opts = options_from_args(args)
+    result = generate(opts)
+    if opts.json:
+        print(json.dumps(result.summary(), indent=2))
+    else:
+        print(f"Saved {len(result.files)} image(s) to {result.out_dir}")
+        print(f"  sampling: {result.seconds_per_step:.3f} s/step, total {result.seconds['total']:.1f} s")
+    return 0

@@ -1,0 +1,103 @@
+"""The images of a run: init and control images in (resized, encoded) and latents decoded out, as the reference."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .models import LoadedModels
+from .options import GenerateOptions, stem
+
+
+def load_image_resized(path: str, width: int, height: int) -> Image.Image:
+    """Open ``path`` and resize it to ``width`` x ``height`` with LANCZOS, then RGB (the reference's order)."""
+    with Image.open(path) as img:
+        img.load()
+        return img.resize((width, height), Image.LANCZOS).convert("RGB")
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> ``IMAGE`` tensor ``[1, H, W, 3]`` in 0..1."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr.copy())[None]
+
+
+def encode_image(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """VAE mean latent (raw VAE space, CPU float32) of ``[B, 3, H, W]`` pixels already scaled for the VAE."""
+    with torch.no_grad():
+        return vae.encode(pixels).float().cpu()
+
+
+def init_latent(vae: Any, path: str, width: int, height: int) -> torch.Tensor:
+    """``--init_image`` as a raw VAE-space latent ``[1, 16, h, w]`` (pixels ``2x-1``, VAE mean)."""
+    # Contiguous NCHW as the reference builds it (layout can change which convolution kernel runs).
+    x = pil_to_tensor(load_image_resized(path, width, height)).permute(0, 3, 1, 2).contiguous()
+    return encode_image(vae, x * 2.0 - 1.0)
+
+
+def control_type_of(loaded: LoadedModels, opts: GenerateOptions) -> str:
+    """The ControlNet's type: from the file's ``control_type`` tensor, else from its file name."""
+    name = loaded.controlnet.control_type_name if loaded.controlnet is not None else None
+    if name:
+        return name
+    name = stem(opts.controlnet_ckpt or "").lower()
+    for kind in ("canny", "blur", "depth"):
+        if kind in name:
+            return kind
+    return "blur"  # no type known: plain 2x-1 scaling, the reference's non-canny branch
+
+
+def control_image(
+    loaded: LoadedModels, opts: GenerateOptions, width: int, height: int
+) -> tuple[torch.Tensor, Image.Image]:
+    """The control image as the VAE input ``[1, 3, H, W]`` and as the picture the ControlNet sees."""
+    from sd35_core.controlnet import prepare_control_image
+    from sd35_core.preprocess import blur, canny
+
+    kind = control_type_of(loaded, opts)
+    image = pil_to_tensor(load_image_resized(opts.controlnet_cond_image, width, height))
+    pre = opts.controlnet_preprocess
+    if pre == "auto":
+        pre = kind if kind in ("canny", "blur") else "none"
+    if pre == "canny":
+        image = canny(image)
+    elif pre == "blur":
+        image = blur(image)
+    shown = Image.fromarray((image[0].numpy() * 255).round().clip(0, 255).astype(np.uint8), "RGB")
+    pixels = prepare_control_image(image, width, height, kind, path=loaded.controlnet_path)
+    return pixels, shown
+
+
+def decode_image(vae: Any, latent: torch.Tensor) -> Image.Image:
+    """Decode one raw VAE latent ``[1, 16, h, w]`` to a PIL image exactly as the reference's ``vae_decode``."""
+    with torch.no_grad():
+        image = vae.decode(latent).float().cpu()
+    image = torch.clamp((image + 1.0) / 2.0, min=0.0, max=1.0)[0]
+    decoded = (255.0 * np.moveaxis(image.numpy(), 0, 2)).astype(np.uint8)
+    return Image.fromarray(decoded)
+
+
+def encode_inputs(
+    loaded: LoadedModels, opts: GenerateOptions, say: Callable[[str], None]
+) -> tuple[torch.Tensor | None, list[Any], Image.Image | None]:
+    """The run's image inputs: the ``--init_image`` latent (or ``None``), the ControlNet hints, and the
+    control image as the ControlNet sees it (for ``control.png``; ``None`` without a ControlNet)."""
+    from sd35_core.controlnet import ControlHint
+    from sd35_core.latent import process_in
+
+    init = None
+    if opts.init_image:
+        say("Encoding init image...")
+        init = init_latent(loaded.vae, opts.init_image, opts.width, opts.height)
+    controls = []
+    shown = None
+    if loaded.controlnet is not None:
+        say("Encoding control image...")
+        pixels, shown = control_image(loaded, opts, opts.width, opts.height)
+        cond_latent = process_in(encode_image(loaded.vae, pixels))
+        controls.append(ControlHint(loaded.controlnet, cond_latent, strength=opts.controlnet_strength))
+    return init, controls, shown
