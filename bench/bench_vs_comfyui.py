@@ -148,8 +148,9 @@ def _time_calls(step, spec: dict) -> tuple[list[float], float, object]:
 def _ours(spec: dict) -> tuple[list[float], float, object, dict]:
     import torch
 
-    from sd35_core.guidance import CondEntry, Guider, SkipLayerGuidance
+    from sd35_core.guidance import CondEntry, Guider
     from sd35_core.loader import load_checkpoint
+    from sd35_core.request import SampleRequest, SkipLayerGuidance
 
     parts = load_checkpoint(spec["checkpoint"], DTYPES[spec["dtype"]], spec["device"])
     model = parts.model.mmdit
@@ -164,7 +165,8 @@ def _ours(spec: dict) -> tuple[list[float], float, object, dict]:
     if spec["slg"]:
         slg = SkipLayerGuidance(layers=tuple(spec["layers"]), scale=spec["slg_scale"], start=0.0, end=1.0,
                                 window="sigma")
-    guider = Guider(model, CondEntry(*cond), CondEntry(*uncond), cfg=CFG, steps=10, shift=SHIFT, slg=slg)
+    request = SampleRequest(steps=10, cfg=CFG, sampler="euler", shift=SHIFT, seed=0, slg=slg)  # sampler, seed unused
+    guider = Guider(model, CondEntry(*cond), CondEntry(*uncond), request)
     x = (SIGMA * noise).to(spec["device"])
     sigma = torch.full((x.shape[0],), SIGMA, device=spec["device"])
     times, warmup, out = _time_calls(lambda: guider(x, sigma, 1), spec)
