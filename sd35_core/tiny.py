@@ -244,7 +244,10 @@ def write_controlnet(path: str | os.PathLike, control_type: str = "canny", seed:
     return save_state(path, {"": state})
 
 
-def _lora_pairs(module: nn.Module, prefix: str, rank: int, gen: torch.Generator, select) -> dict[str, torch.Tensor]:
+def kohya_lora_tensors(module: nn.Module, prefix: str, rank: int, gen: torch.Generator,
+                       select=lambda key: True) -> dict[str, torch.Tensor]:
+    """Seeded kohya-format LoRA tensors (``<prefix><key_>.lora_down/up.weight``, ``.alpha`` = rank / 2) for
+    every matrix weight of ``module`` whose key ``select`` accepts."""
     out = {}
     for key, w in module.state_dict().items():
         if w.ndim != 2 or not key.endswith(".weight") or not select(key):
@@ -264,12 +267,12 @@ def write_lora(path: str | os.PathLike, variant: str = "sd3.5_large", *, seed: i
     ``alpha = rank / 2``; with ``text_encoders`` the CLIP and T5 attention and MLP layers get one too.
     """
     gen = torch.Generator().manual_seed(1000 + seed)
-    tensors = _lora_pairs(tiny_mmdit(variant, seed), "lora_unet_", rank, gen, lambda k: True)
+    tensors = kohya_lora_tensors(tiny_mmdit(variant, seed), "lora_unet_", rank, gen)
     if text_encoders:
         clip_layers = lambda k: ".encoder.layers." in k  # noqa: E731
-        tensors |= _lora_pairs(tiny_clip("clip_l", seed + 2), "lora_te1_", rank, gen, clip_layers)
-        tensors |= _lora_pairs(tiny_clip("clip_g", seed + 3), "lora_te2_", rank, gen, clip_layers)
-        tensors |= _lora_pairs(tiny_t5(seed + 4), "lora_te3_", rank, gen, lambda k: ".SelfAttention." in k)
+        tensors |= kohya_lora_tensors(tiny_clip("clip_l", seed + 2), "lora_te1_", rank, gen, clip_layers)
+        tensors |= kohya_lora_tensors(tiny_clip("clip_g", seed + 3), "lora_te2_", rank, gen, clip_layers)
+        tensors |= kohya_lora_tensors(tiny_t5(seed + 4), "lora_te3_", rank, gen, lambda k: ".SelfAttention." in k)
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     save_file(tensors, path, metadata={"ss_network_module": "networks.lora"})

@@ -327,7 +327,7 @@ HEIGHTS = {"SD35CheckpointLoader": 200, "SD35TextEncoderLoader": 200, "SD35Contr
            "SD35TextEncode": 300, "SD35EmptyLatent": 130, "SD35Sampler": 560, "SD35VAEDecode": 140,
            "SD35VAEEncode": 140, "SD35ControlNetApply": 260, "SaveImage": 560, "LoadImage": 420,
            "ImageScale": 160, "PreviewImage": 380, "SD35CannyPreprocessor": 110, "SD35BlurPreprocessor": 90,
-           "SD35DepthNormalize": 90}
+           "SD35DepthNormalize": 90, "SD35LoraLoader": 200}
 
 
 def _loaders(col: Column, variant: str):
@@ -398,6 +398,38 @@ def txt2img(name: str, variant: str, title: str, *, slg: bool = False) -> Workfl
                                    "negative": (neg, "conditioning"), "latent": (latent, "latent")}, slg=slg)
     decode, save = _decode_save(sample.next(400), sampler, ckpt, f"sd35/{name}")
     wf.group("Models", GROUP_COLORS["models"], [note, ckpt, clip])
+    wf.group("Prompt and size", GROUP_COLORS["prompt"], [pos, neg, latent])
+    wf.group("Sample", GROUP_COLORS["sample"], [sampler])
+    wf.group("Decode and save", GROUP_COLORS["save"], [decode, save])
+    return wf
+
+
+LORA_NAME = "your_sd3.5_large_lora.safetensors"
+
+
+def lora(name: str, variant: str, title: str) -> Workflow:
+    """Text to image through one SD3.5 LoRA Loader on both the model and the text encoders."""
+    d = defaults_table()[variant]
+    wf = Workflow(name)
+    models = Column(wf, 0, 360)
+    extra = ("LoRA: put an SD3.5 Large LoRA in models/loras and pick it in Load LoRA (kohya, diffusers/PEFT, "
+             "OneTrainer and SimpleTuner LyCORIS files all load; LoHa, LoKr and DoRA too). strength_model and "
+             "strength_clip set how strongly it applies to the diffusion model and the text encoders; chain more "
+             "LoRA nodes for more LoRAs. Add the LoRA's trigger words to the prompt.")
+    note = _note_node(models, _note(title, variant, d, extra=extra))
+    ckpt, clip = _loaders(models, variant)
+    loader = models.add("SD35LoraLoader", HEIGHTS["SD35LoraLoader"], title="Load LoRA", lora_name=LORA_NAME,
+                        strength_model=1.0, strength_clip=1.0)
+    wf.connect(ckpt, "model", loader, "model")
+    wf.connect(clip, "clip", loader, "clip")
+    prompt = models.next(380)
+    pos, neg = _prompts(prompt, loader, PROMPT)
+    latent = _size(prompt, ckpt)
+    sample = prompt.next(340)
+    sampler = _sampler(sample, d, {"model": (loader, "model"), "positive": (pos, "conditioning"),
+                                   "negative": (neg, "conditioning"), "latent": (latent, "latent")})
+    decode, save = _decode_save(sample.next(400), sampler, ckpt, f"sd35/{name}")
+    wf.group("Models and LoRA", GROUP_COLORS["models"], [note, ckpt, clip, loader])
     wf.group("Prompt and size", GROUP_COLORS["prompt"], [pos, neg, latent])
     wf.group("Sample", GROUP_COLORS["sample"], [sampler])
     wf.group("Decode and save", GROUP_COLORS["save"], [decode, save])
@@ -497,6 +529,7 @@ def build_workflows() -> dict[str, Workflow]:
         txt2img("sd3.5_large_turbo_txt2img", "sd3.5_large_turbo", "SD3.5 Large Turbo text to image (4 steps)"),
         txt2img("sd3_medium_txt2img", "sd3_medium", "SD3 Medium text to image"),
         img2img("sd3.5_large_img2img", "sd3.5_large", "SD3.5 Large image to image"),
+        lora("sd3.5_large_lora", "sd3.5_large", "SD3.5 Large text to image with a LoRA"),
         controlnet("sd3.5_large_controlnet_canny", "canny", "SD3.5 Large with the canny ControlNet"),
         controlnet("sd3.5_large_controlnet_blur", "blur", "SD3.5 Large with the blur ControlNet"),
         controlnet("sd3.5_large_controlnet_depth", "depth", "SD3.5 Large with the depth ControlNet"),

@@ -47,7 +47,7 @@ CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 FILE_INPUTS = {
     ("SD35CheckpointLoader", "ckpt_name"), ("SD35TextEncoderLoader", "clip_l_name"),
     ("SD35TextEncoderLoader", "clip_g_name"), ("SD35TextEncoderLoader", "t5xxl_name"),
-    ("SD35VAELoader", "vae_name"), ("SD35ControlNetLoader", "control_net_name"),
+    ("SD35VAELoader", "vae_name"), ("SD35ControlNetLoader", "control_net_name"), ("SD35LoraLoader", "lora_name"),
 }
 
 # Which model each workflow is for, and whether it uses its skip-layer guidance.
@@ -57,6 +57,7 @@ WORKFLOW_MODELS = {
     "sd3.5_large_turbo_txt2img": ("sd3.5_large_turbo", False),
     "sd3_medium_txt2img": ("sd3_medium", False),
     "sd3.5_large_img2img": ("sd3.5_large", False),
+    "sd3.5_large_lora": ("sd3.5_large", False),
     "sd3.5_large_controlnet_canny": ("sd3.5_large_controlnet_canny", False),
     "sd3.5_large_controlnet_blur": ("sd3.5_large_controlnet_blur", False),
     "sd3.5_large_controlnet_depth": ("sd3.5_large_controlnet_depth", False),

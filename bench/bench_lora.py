@@ -1,0 +1,128 @@
+"""LoRA cost on the benchmark shape: time to read and apply a rank-16 LoRA, one sampling step's model call
+with and without it, the extra resident memory while it is applied, and the fp8 figure (a LoRA applied at
+compute time on fp8 weights against an fp32 merge).
+
+Run from the repository root: ``python bench/bench_lora.py`` (options: --depth --hidden --size --rank
+--repeats --threads). Prints one JSON object on stdout.
+
+The model is bench_model.py's (SD3.5 Medium's structure scaled for two CPU cores: 24 joint blocks, attn2 in
+blocks 0..12, hidden 256, a 512x512 image, 154 context tokens); the LoRA is a seeded kohya-format file with
+a rank-``--rank`` update on every linear layer of the diffusion model. ``apply_s`` is entering the
+``applied`` context (merging every patched weight, backing it up); ``restore_s`` is leaving it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from bench.bench_model import _rss_mb, build_ours, inputs, model_config  # noqa: E402
+from sd35_core.lora import applied, load_lora  # noqa: E402
+from sd35_core.tiny import kohya_lora_tensors  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--depth", type=int, default=24)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    return p.parse_args(argv)
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = model_config(args.depth, args.hidden, args.size)
+    x, t, context, y = inputs(config, args.size, 154)
+    model = build_ours(config, "float32")
+    gen = torch.Generator().manual_seed(7)
+    tensors = kohya_lora_tensors(model, "lora_unet_", args.rank, gen)
+    tmp = tempfile.mkdtemp()
+    path = os.path.join(tmp, "bench_lora.safetensors")
+    save_file(tensors, path)
+
+    start = time.perf_counter()
+    lora = load_lora(path, mmdit=model).model
+    load_s = time.perf_counter() - start
+    stack = [(lora, 1.0)]
+    patched_bytes = sum(model.get_parameter(k).numel() * model.get_parameter(k).element_size() for k in lora.patches)
+
+    def step(m):
+        with torch.no_grad():
+            return m(x, t, context, y)
+
+    out = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "machine": platform.machine(), "shape": {"depth": args.depth, "hidden": args.hidden, "size": args.size},
+           "rank": args.rank, "lora_file_mb": round(os.path.getsize(path) / 2**20, 2),
+           "patched_tensors": len(lora.patches), "read_and_resolve_s": round(load_s, 4)}
+    base_step = _median_time(lambda: step(model), args.repeats)
+    rss_before = _rss_mb()
+    start = time.perf_counter()
+    ctx = applied(model, stack)
+    ctx.__enter__()
+    apply_s = time.perf_counter() - start
+    rss_applied = _rss_mb()
+    lora_step = _median_time(lambda: step(model), args.repeats)
+    fp32_merge = step(model)
+    start = time.perf_counter()
+    ctx.__exit__(None, None, None)
+    restore_s = time.perf_counter() - start
+    out["fp32"] = {
+        "apply_s": round(apply_s, 4), "restore_s": round(restore_s, 4),
+        "step_s_without": round(base_step, 4), "step_s_with": round(lora_step, 4),
+        "backup_mb": round(patched_bytes / 2**20, 1),
+        "extra_rss_mb_while_applied": None if rss_before is None else round(rss_applied - rss_before, 1),
+    }
+
+    fp8 = build_ours(config, "fp8")
+    fp8_lora = load_lora(path, mmdit=fp8).model
+    fp8_base_step = _median_time(lambda: step(fp8), args.repeats)
+    fp8_base = step(fp8)
+    with applied(fp8, [(fp8_lora, 1.0)]):
+        fp8_step = _median_time(lambda: step(fp8), args.repeats)
+        fp8_out = step(fp8)
+    out["fp8_compute_time"] = {
+        "step_s_without": round(fp8_base_step, 4), "step_s_with": round(fp8_step, 4),
+        # Relative max error against the fp32 merge (fp32 weights, fp32 compute, LoRA merged).
+        "rel_err_vs_fp32_merge": round(_rel(fp8_out, fp32_merge), 5),
+        "rel_err_of_fp8_base_vs_fp32_merge": round(_rel(fp8_base, fp32_merge), 5),
+        "lora_effect_rel": round(_rel(fp32_merge, step(model)), 5),
+    }
+    os.remove(path)
+    print(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()
