@@ -74,6 +74,7 @@ def generate(opts: GenerateOptions, *, log: TextIO | None = None, now: datetime.
     ``loaded`` reuses models loaded by :func:`load_models` with the same options.
     """
     from sd35_core.guidance import CondEntry
+    from sd35_core.lora import applied
     from sd35_core.pipeline import img2img, txt2img
     from sd35_core.request import SampleRequest
 
@@ -110,7 +111,8 @@ def generate(opts: GenerateOptions, *, log: TextIO | None = None, now: datetime.
     seconds["encode_images"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    neg_context, neg_pooled = loaded.text.encode(opts.negative_prompt)
+    with applied(loaded.text_modules, loaded.text_loras):  # --lora: merged for the call, undone after it
+        neg_context, neg_pooled = loaded.text.encode(opts.negative_prompt)
     negative = CondEntry(neg_context, neg_pooled)
     seconds["encode_text"] = time.perf_counter() - t
 
@@ -130,18 +132,21 @@ def generate(opts: GenerateOptions, *, log: TextIO | None = None, now: datetime.
     seconds.setdefault("decode", 0.0)
     for i, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
         t = time.perf_counter()
-        context, pooled = loaded.text.encode(prompt)
+        with applied(loaded.text_modules, loaded.text_loras):
+            context, pooled = loaded.text.encode(prompt)
         seconds["encode_text"] += time.perf_counter() - t
         positive = CondEntry(context, pooled)
         run_steps = settings.steps - (0 if init is None else int(settings.steps * (1 - opts.denoise)))
         bar = ProgressBar(run_steps, label=f"image {i + 1}/{len(prompts)} seed {seed}", stream=log)
         request = replace(request, seed=seed)
         t = time.perf_counter()
-        if init is None:
-            latent = txt2img(model.mmdit, positive, negative, request, width=opts.width, height=opts.height,
-                             callback=bar.step_callback)
-        else:
-            latent = img2img(model.mmdit, positive, negative, request, init_latent=init, callback=bar.step_callback)
+        with applied(model.mmdit, loaded.model_loras):
+            if init is None:
+                latent = txt2img(model.mmdit, positive, negative, request, width=opts.width, height=opts.height,
+                                 callback=bar.step_callback)
+            else:
+                latent = img2img(model.mmdit, positive, negative, request, init_latent=init,
+                                 callback=bar.step_callback)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds["sample"] += time.perf_counter() - t

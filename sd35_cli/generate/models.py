@@ -95,6 +95,16 @@ class LoadedModels:
     controlnet: Any = None  # sd35_core.controlnet.ControlNet
     controlnet_path: str | None = None  # "8b" or "2b"
     text_files: dict[str, str | None] = field(default_factory=dict)
+    # ``(LoraPatches, strength)`` stacks from --lora, applied while encoding and sampling (sd35_core.lora)
+    model_loras: tuple = ()
+    text_loras: tuple = ()
+
+    @property
+    def text_modules(self) -> torch.nn.Module:
+        """The text encoders as one module with children clip_l / clip_g / t5xxl: what LoRAs patch."""
+        t = self.text
+        return torch.nn.ModuleDict({k: v for k, v in (("clip_l", t.clip_l), ("clip_g", t.clip_g), ("t5xxl", t.t5))
+                                    if v is not None})
 
 
 def load_models(
@@ -104,6 +114,7 @@ def load_models(
     from sd35_core.checkpoint import open_safetensors
     from sd35_core.controlnet import check_controlnet_fits
     from sd35_core.loader import detect_parts, load_checkpoint, load_controlnet, load_text_encoder, load_vae
+    from sd35_core.lora import load_lora
     from sd35_core.text_encoder import SD3TextEncoder
     from sd35_core.tokenization import SD3Tokenizer, find_tokenizer_files
 
@@ -111,6 +122,8 @@ def load_models(
     for option in ("vae", "controlnet_ckpt", "init_image", "controlnet_cond_image"):
         if getattr(opts, option) is not None:
             _require_file(option, getattr(opts, option))
+    for spec in opts.lora:
+        _require_file("lora", spec.path)
     found = detect_parts(open_safetensors(opts.model))
     if opts.vae is None and "vae" not in found and "mmdit" in found:
         raise UsageError(f"{opts.model} holds no VAE (first_stage_model.*); pass --vae FILE")
@@ -166,5 +179,13 @@ def load_models(
         say(f"Loading ControlNet {os.path.basename(opts.controlnet_ckpt)}...")
         controlnet = load_controlnet(opts.controlnet_ckpt, model, opts.dtype, device)
         path = check_controlnet_fits(controlnet.config, model.config)
+    loaded = LoadedModels(model, vae, text, controlnet, path, files)
+    for spec in opts.lora:
+        say(f"Loading LoRA {os.path.basename(spec.path)} (strength {spec.strength:g}, clip {spec.clip_strength:g})...")
+        lora = load_lora(spec.path, model.mmdit, loaded.text_modules)
+        if lora.model is not None:
+            loaded.model_loras += ((lora.model, spec.strength),)
+        if lora.clip is not None:
+            loaded.text_loras += ((lora.clip, spec.clip_strength),)
     say("Models loaded.")
-    return LoadedModels(model, vae, text, controlnet, path, files)
+    return loaded

@@ -132,6 +132,35 @@ def parse_layers(text: str) -> tuple[int, ...]:
     return layers
 
 
+@dataclass(frozen=True)
+class LoraSpec:
+    """One ``--lora PATH[:STRENGTH[:CLIP_STRENGTH]]``."""
+
+    path: str
+    strength: float = 1.0
+    clip_strength: float = 1.0
+
+
+def parse_lora(text: str) -> LoraSpec:
+    """``PATH[:STRENGTH[:CLIP_STRENGTH]]``; STRENGTH defaults to 1 and CLIP_STRENGTH to STRENGTH.
+
+    Numbers are taken from the right, so a path may itself hold colons (``C:\\loras\\x.safetensors``).
+    """
+    parts = str(text).split(":")
+    numbers: list[float] = []
+    while len(parts) > 1 and len(numbers) < 2:
+        try:
+            numbers.insert(0, float(parts[-1]))
+        except ValueError:
+            break
+        parts.pop()
+    path = ":".join(parts)
+    if not path:
+        raise argparse.ArgumentTypeError(f"expected PATH[:STRENGTH[:CLIP_STRENGTH]]; got {text!r}")
+    strength = numbers[0] if numbers else 1.0
+    return LoraSpec(path, strength, numbers[1] if len(numbers) > 1 else strength)
+
+
 def _opt(parser, name: str, **kw) -> argparse.Action:
     """An option under its reference spelling plus the dashed one (``--model_folder`` / ``--model-folder``)."""
     names = [f"--{name}"]
@@ -208,6 +237,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _opt(ext, "dtype", choices=("default", "fp32", "fp16", "bf16", "fp8_e4m3fn"),
          help="weight dtype of the diffusion model, VAE and ControlNet (default: bf16 on GPUs, fp32 on CPU; "
               "the reference runs fp16)")
+    _opt(ext, "lora", type=parse_lora, action="append", metavar="PATH[:S[:CLIP_S]]",
+         help="apply a LoRA / LyCORIS file (any trainer's format) at strength S (default 1) to the diffusion "
+              "model and CLIP_S (default S) to the text encoders; repeat to stack several, in order")
     _opt(ext, "controlnet_strength", type=parse_float, metavar="S", help="ControlNet strength (default: 1.0)")
     _opt(ext, "controlnet_preprocess", choices=("none", "auto", "canny", "blur"),
          help="none: the control image is used as given (default, as the reference); auto: canny edges or "
@@ -265,6 +297,7 @@ class GenerateOptions:
     comfyui: str | None = None
     device: str | None = None
     dtype: str = "default"
+    lora: tuple[LoraSpec, ...] = ()
     controlnet_strength: float = 1.0
     controlnet_preprocess: str = "none"
     save_latent: str | None = None
@@ -292,7 +325,7 @@ def options_from_args(args: argparse.Namespace) -> GenerateOptions:
         v = values.get(name)
         if v is None:
             v = getattr(defaults, name)
-        kwargs[name] = v
+        kwargs[name] = tuple(v) if isinstance(v, list) else v
     return GenerateOptions(**kwargs)
 
 
