@@ -46,9 +46,10 @@ class DTypePolicy:
 
     fp8 e4m3fn storage keeps only the large matrices of linear layers in fp8; norms, biases, embeddings
     and convolutions stay in the compute dtype, where their size does not matter and precision does.
+    ``storage=None`` keeps every tensor as the file stores it (GGUF files: blocks, F16, F32 alike).
     """
 
-    storage: torch.dtype = torch.float32
+    storage: torch.dtype | None = torch.float32
     compute: torch.dtype = torch.float32
 
     @classmethod
@@ -251,8 +252,8 @@ def load_weights(
                 state[name] = layer.weight
                 continue
             # Anything else quantized (converters keep such tensors dense; some may not) is small: dense now.
-            t = t.dequantize(torch.float32)
-        if t.is_floating_point():
+            t = t.dequantize(policy.compute if policy.storage is None else torch.float32)
+        if t.is_floating_point() and policy.storage is not None:
             dtype = policy.storage if name in fp8_keys else policy.compute
             if policy.storage != torch.float8_e4m3fn:
                 dtype = policy.storage

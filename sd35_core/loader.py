@@ -209,16 +209,17 @@ def load_checkpoint(
 ) -> ModelParts:
     """Load every part a checkpoint holds: diffusion model (required), VAE and text encoders when bundled.
 
-    A GGUF file holds the diffusion model only; its quantized weights stay quantized and are dequantized
-    in ``dtype``'s compute dtype when each layer runs (its F16/F32 tensors follow ``dtype`` as usual).
+    A GGUF file holds the diffusion model only; its tensors stay as the file stores them (quantized blocks,
+    F16, F32) and are dequantized or cast to ``dtype``'s compute dtype when each layer runs.
     ``text_dtype`` is the bundled text encoders' dtype; by default fp32 on CPU and fp16 elsewhere (callers
     that load on the CPU and move to a GPU later, as ComfyUI does, pass the dtype for the GPU).
     """
     policy = DTypePolicy.named(dtype, device)
     if is_gguf(path):
         file, prefix = open_sd3_gguf(path)
+        # As the file stores them: resident memory is the file's size; ``dtype`` picks the compute dtype.
         with file:
-            return ModelParts(_load_mmdit(file, prefix, policy, device), None, None)
+            return ModelParts(_load_mmdit(file, prefix, DTypePolicy(None, policy.compute), device), None, None)
     file = open_safetensors(path)
     parts = detect_parts(file)
     if "mmdit" not in parts:

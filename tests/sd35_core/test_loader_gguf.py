@@ -77,10 +77,11 @@ def test_quantized_weights_stay_quantized_under_their_official_keys(tmp_path, st
     assert qkv.weight_quant.shape == state[QKV].shape
     for key, t in mmdit.state_dict().items():
         assert (t.dtype == torch.uint8) == (types[key] == "Q4_0"), key
-    # Resident weights are the file's tensor data, not a float copy of it.
+    # Resident weights are the file's tensor data as stored (blocks, F16, F32), not a float copy of it.
     resident = sum(t.numel() * t.element_size() for t in mmdit.state_dict().values())
-    stored = sum(int(t.n_bytes) * (2 if t.tensor_type.name == "F16" else 1) for t in reader.tensors)
-    assert resident == stored  # F16 tensors are widened to the fp32 policy; blocks are kept as they are
+    assert resident == sum(int(t.n_bytes) for t in reader.tensors)
+    dense = {k: t.dtype for k, t in mmdit.state_dict().items() if types[k] != "Q4_0"}
+    assert dense == {k: {"F16": torch.float16, "F32": torch.float32}[types[k]] for k in dense}
     quantized = [k for k, t in types.items() if t == "Q4_0"]
     assert len(quantized) > len(types) // 4
     # 18 bytes per 32 weights: 4.5 bits each, against fp32's 32.
