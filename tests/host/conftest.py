@@ -11,14 +11,17 @@ import pytest
 
 from .comfyui_server import SHARED, start_server
 
+GGUF_MODEL = "tiny-sd3.5_large-Q8_0.gguf"
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """A ComfyUI for one test module, with the tiny model set, a truncated ``corrupt.safetensors`` checkpoint
-    and a 64x64 ``photo.png`` in its input folder."""
+    """A ComfyUI for one test module, with the tiny model set, a truncated ``corrupt.safetensors`` checkpoint,
+    a Q8_0 GGUF of the Large-like diffusion model and a 64x64 ``photo.png`` in its input folder."""
     from PIL import Image
 
-    from sd35_core.tiny import write_tiny_model_set
+    from bench.gguf_write import write_gguf
+    from sd35_core.tiny import tiny_mmdit, write_tiny_model_set
 
     base = tmp_path_factory.mktemp("comfy_base")
     models = write_tiny_model_set(tmp_path_factory.mktemp("comfy_models"), seed=0)
@@ -26,6 +29,8 @@ def server(tmp_path_factory):
     shutil.copy(models.checkpoints["sd3.5_medium"], corrupt)
     with open(corrupt, "r+b") as f:
         f.truncate(os.path.getsize(corrupt) // 2)
+    large = tiny_mmdit("sd3.5_large").state_dict()
+    write_gguf(os.path.join(models.root, "diffusion_models", GGUF_MODEL), large, "Q8_0")
     os.makedirs(base / "input")
     photo = Image.open(os.path.join(SHARED, "images", "canny.png")).convert("RGB").resize((64, 64))
     photo.save(base / "input" / "photo.png")

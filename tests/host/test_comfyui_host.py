@@ -15,6 +15,7 @@ import pytest
 
 from ..nodes.conftest import load_pack
 from .comfyui_server import COMFYUI_PATH, comfyui_python
+from .conftest import GGUF_MODEL
 
 pytestmark = pytest.mark.skipif(
     not COMFYUI_PATH, reason="COMFYUI_PATH is not set: the real-ComfyUI host tests need a ComfyUI checkout"
@@ -212,6 +213,19 @@ def test_interrupt_stops_a_long_run_and_the_next_prompt_succeeds(server):
     assert max(sampled) <= interrupted[0] + 2  # stopped within a step of the request (one may be in flight)
     after = server.run(quick_graph("after_interrupt", seed=8))
     assert_success(after, server)
+
+
+def test_a_gguf_diffusion_model_is_listed_and_samples_with_a_separate_vae(server):
+    ckpts = server.get_json("/object_info/SD35CheckpointLoader")["SD35CheckpointLoader"]["input"]["required"]
+    assert GGUF_MODEL in ckpts["ckpt_name"][0]
+    g = quick_graph("gguf", seed=11)
+    g["1"]["inputs"]["ckpt_name"] = GGUF_MODEL
+    g["5"] = {"class_type": "SD35VAELoader", "inputs": {"vae_name": "tiny-sd3_vae.safetensors"}}
+    g["30"]["inputs"]["vae"] = ["5", 0]
+    result = server.run(g)
+    assert_success(result, server)
+    (image,) = server.images(result["prompt_id"])
+    assert image.shape == (32, 32, 3)
 
 
 def test_corrupt_checkpoint_is_a_node_error_and_the_server_keeps_serving(server):
