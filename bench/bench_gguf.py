@@ -8,8 +8,10 @@ Run from the repository root: ``python bench/bench_gguf.py`` (options: --depth -
 The weights are bench_model.py's seeded model (SD3.5 Medium's structure at hidden 256, 24 blocks, 512x512
 px, 154 context tokens, a CFG batch of 2), written once as fp32 safetensors and as GGUF files the way
 city96's tools write them (bench/gguf_write.py). Each storage is then measured in a fresh process, as in
-bench_model.py: ``resident_mb`` is the process's resident memory after loading minus before (what the
-loaded model keeps), ``peak_increase_mb`` the peak RSS increase through the timed calls. Every storage
+bench_model.py: ``resident_mb`` is the process's resident memory after the calls minus before loading
+(the weights as they sit in memory, plus what the allocator keeps), ``resident_after_load_mb`` the same
+right after loading (a safetensors file in its storage dtype is mapped, not read, until the first call
+touches it), ``peak_increase_mb`` the peak RSS increase through loading and the calls (``VmHWM``). Every storage
 computes in the same ``--compute`` dtype (float32 by default on the CPU, which has no fast bf16 here), so
 the differences are the storage alone: fp16/fp8 weights are cast per layer, GGUF weights dequantized per
 layer. ``rel_err_vs_fp32`` is the output's relative L2 distance to fp32 storage's output.
@@ -33,16 +35,7 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from bench.bench_model import (  # noqa: E402
-    _cpu_model,
-    _load,
-    _maxrss_mb,
-    _rss_mb,
-    _weights_mb,
-    build_ours,
-    inputs,
-    model_config,
-)
+from bench.bench_model import _cpu_model, _load, _weights_mb, build_ours, inputs, model_config  # noqa: E402
 
 # storage name -> (file kind, loader dtype name); GGUF files load with the compute dtype's name.
 STORAGES = {"fp32": ("safetensors", "fp32"), "fp16": ("safetensors", "fp16"), "fp8": ("safetensors", "fp8_e4m3fn"),
@@ -80,6 +73,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _status_mb(field: str) -> float | None:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process in MB. Not ru_maxrss: Linux carries that over
+    from the parent process, which wrote the model files."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> None:
+    """Start ``VmHWM`` again from the current RSS (Linux: 5 > /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -106,7 +121,8 @@ def worker(spec: dict) -> dict:
     torch.nn.functional.scaled_dot_product_attention(q, q, q) @ torch.randn(64, 64, device=device)
     del q
     gc.collect()
-    base_peak, base_rss, base_dev = _maxrss_mb(), _rss_mb(), _device_mb(device)
+    base_rss, base_dev = _status_mb("VmRSS"), _device_mb(device)
+    _reset_peak()
 
     t0 = time.perf_counter()
     kind, dtype = STORAGES[spec["storage"]]
@@ -115,7 +131,7 @@ def worker(spec: dict) -> dict:
     _sync(device)
     load_s = time.perf_counter() - t0
     gc.collect()
-    load_rss, load_dev = _rss_mb(), _device_mb(device)
+    load_rss, load_dev = _status_mb("VmRSS"), _device_mb(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
@@ -127,7 +143,8 @@ def worker(spec: dict) -> dict:
             model(x, t, context, y)
             _sync(device)
             times.append(time.perf_counter() - t0)
-    peak, peak_dev = _maxrss_mb(), _device_mb(device)
+    gc.collect()
+    step_rss, peak, peak_dev = _status_mb("VmRSS"), _status_mb("VmHWM"), _device_mb(device)
     from safetensors.torch import save_file
 
     save_file({"output": output.float().cpu().contiguous()}, spec["output"])
@@ -137,8 +154,10 @@ def worker(spec: dict) -> dict:
         "times_s": [round(v, 4) for v in times],
         "load_s": round(load_s, 3),
         "weights_mb": round(_weights_mb(model), 2),
-        "resident_mb": round(load_rss - base_rss, 2) if base_rss is not None else None,
-        "peak_increase_mb": round(peak - base_peak, 2),
+        # RSS over the loaded process's baseline: after loading, after the calls, and at the peak
+        "resident_after_load_mb": round(load_rss - base_rss, 2) if base_rss is not None else None,
+        "resident_mb": round(step_rss - base_rss, 2) if base_rss is not None else None,
+        "peak_increase_mb": round(peak - base_rss, 2) if base_rss is not None else None,
         "threads": torch.get_num_threads(),
     }
     if base_dev is not None:
@@ -201,6 +220,7 @@ def main(argv=None) -> dict:
         "step_s": step,
         "step_vs_fp16": {s: round(v / base, 3) for s, v in step.items()} if base else None,
         "resident_mb": column("resident_mb", 1),
+        "resident_after_load_mb": column("resident_after_load_mb", 1),
         "weights_mb": column("weights_mb", 1),
         "peak_increase_mb": column("peak_increase_mb", 1),
         "file_mb": file_mb,

@@ -70,19 +70,12 @@ def text_encoder_files(opts: GenerateOptions, bundled_roles: Sequence[str] = ())
 
 
 def inspect_model(path: str) -> tuple[Any, str]:
-    """``(MMDiTConfig, variant)`` of a checkpoint from its header alone (no weights read)."""
-    from sd35_core.checkpoint import open_safetensors
-    from sd35_core.loader import detect_parts, detect_variant, load_checkpoint
-    from sd35_core.mmditx import MMDiTConfig
+    """``(MMDiTConfig, variant)`` of a checkpoint (safetensors or GGUF) from its header alone (no weights read);
+    a file that is no SD3/SD3.5 model raises the loader's CheckpointError saying what it is."""
+    from sd35_core.loader import inspect_diffusion_model
 
     _require_file("model", path)
-    file = open_safetensors(path)
-    prefix = detect_parts(file).get("mmdit")
-    if prefix is None:
-        load_checkpoint(path)  # raises the loader's CheckpointError saying what the file is instead
-        raise UsageError(f"{path}: expected an SD3/SD3.5 checkpoint")  # pragma: no cover
-    config = MMDiTConfig.from_shapes(file.shapes(prefix))
-    return config, detect_variant(config, file.metadata)
+    return inspect_diffusion_model(path)
 
 
 @dataclass
@@ -111,9 +104,8 @@ def load_models(
     opts: GenerateOptions, device: torch.device, say: Callable[[str], None] = lambda s: None
 ) -> LoadedModels:
     """Load the diffusion model, VAE, text encoders (+ tokenizers) and ControlNet the options name."""
-    from sd35_core.checkpoint import open_safetensors
     from sd35_core.controlnet import check_controlnet_fits
-    from sd35_core.loader import detect_parts, load_checkpoint, load_controlnet, load_text_encoder, load_vae
+    from sd35_core.loader import checkpoint_parts, load_checkpoint, load_controlnet, load_text_encoder, load_vae
     from sd35_core.lora import load_lora
     from sd35_core.text_encoder import SD3TextEncoder
     from sd35_core.tokenization import SD3Tokenizer, find_tokenizer_files
@@ -124,7 +116,7 @@ def load_models(
             _require_file(option, getattr(opts, option))
     for spec in opts.lora:
         _require_file("lora", spec.path)
-    found = detect_parts(open_safetensors(opts.model))
+    found = checkpoint_parts(opts.model)
     if opts.vae is None and "vae" not in found and "mmdit" in found:
         raise UsageError(f"{opts.model} holds no VAE (first_stage_model.*); pass --vae FILE")
     bundled = [r for r in ("clip_l", "clip_g", "t5xxl") if r in found]

@@ -180,7 +180,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _opt(ref, "prompt", metavar="TEXT|FILE.txt",
          help=f"prompt, or a .txt file with one prompt per line (default: {REF_PROMPT!r})")
     _opt(ref, "model", type=parse_optional_str, metavar="FILE",
-         help=f"SD3/SD3.5 .safetensors checkpoint or bare diffusion model (default: {REF_MODEL})")
+         help=f"SD3/SD3.5 .safetensors checkpoint or bare diffusion model, or a GGUF diffusion model (Q8_0, Q4_0, "
+              f"...; with --vae) (default: {REF_MODEL})")
     _opt(ref, "out_dir", type=parse_optional_str, metavar="DIR", help=f"output root (default: {REF_OUT_DIR})")
     _opt(ref, "postfix", type=parse_optional_str, metavar="TEXT",
          help="suffix of the output folder name (default: _<timestamp>)")

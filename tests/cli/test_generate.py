@@ -245,6 +245,28 @@ def test_bundled_text_encoders_and_a_bare_model_with_separate_vae(capsys, gen_ar
     assert "pass --vae" in capsys.readouterr().err
 
 
+def test_a_gguf_model_runs_with_a_separate_vae_as_its_dequantized_weights_do(capsys, gen_args, tmp_path,
+                                                                            tiny_models):
+    from bench.gguf_write import dequantized_state, write_gguf
+    from sd35_core.tiny import save_state, tiny_mmdit
+
+    gguf = write_gguf(tmp_path / "tiny-Q4_0.gguf", tiny_mmdit("sd3.5_medium").state_dict(), "Q4_0")
+    dense = save_state(tmp_path / "tiny-deq.safetensors", {"": dequantized_state(gguf)})
+    latents = {}
+    for name, model in (("gguf", gguf), ("dense", dense)):
+        summary, _ = run_json(capsys, gen_args("--prompt", "p", "--postfix", f"_{name}", "--model", model,
+                                               "--vae", tiny_models.vae, "--dtype", "fp32",
+                                               "--save_latent", str(tmp_path / f"{name}.safetensors")))
+        assert summary["variant"] == "sd3.5_medium" and os.path.isfile(summary["files"][0])
+        latents[name] = load_file(tmp_path / f"{name}.safetensors")["latent"]
+    assert torch.equal(latents["gguf"], latents["dense"])
+    assert main(gen_args("--prompt", "p", "--postfix", "_nv", "--model", gguf)) == 1
+    assert "pass --vae" in capsys.readouterr().err
+    flux = write_gguf(tmp_path / "flux.gguf", tiny_mmdit("sd3.5_medium").state_dict(), "F16", arch="flux")
+    assert main(gen_args("--prompt", "p", "--postfix", "_f", "--model", flux, "--vae", tiny_models.vae)) == 1
+    assert "architecture 'flux' (a Flux diffusion model)" in capsys.readouterr().err
+
+
 def test_option_spellings_parse_like_the_reference():
     from sd35_cli.generate import options_from_args
 
