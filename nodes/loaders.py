@@ -20,6 +20,7 @@ from collections.abc import Callable, Hashable
 
 import torch
 
+from ..sd35_core.compile import compile_model
 from ..sd35_core.defaults import defaults_for
 from ..sd35_core.loader import (
     DiffusionModel,
@@ -155,7 +156,14 @@ class SD35CheckpointLoader:
                     "tooltip": "Precision the diffusion model's weights are kept in. default: bf16 on GPUs, fp32 on "
                                "the CPU. fp8_e4m3fn halves the memory again and computes in bf16. For a GGUF "
                                "file the quantized weights stay quantized and this is the dtype they compute in."}),
-            }
+            },
+            "optional": {
+                "compile": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "Run the diffusion model's joint blocks through torch.compile. The first sampling "
+                               "step of each image size compiles (slow), later steps are faster. Where compiling "
+                               "is unavailable it logs one warning and runs as usual."}),
+            },
         }
 
     RETURN_TYPES = ("SD35_MODEL", "SD35_CLIP", "SD35_VAE")
@@ -174,19 +182,21 @@ class SD35CheckpointLoader:
     def IS_CHANGED(cls, ckpt_name, **_):
         return _mtime_token(CHECKPOINT_FOLDERS, ckpt_name)
 
-    def load(self, ckpt_name: str, weight_dtype: str = "default"):
+    def load(self, ckpt_name: str, weight_dtype: str = "default", compile: bool = False):
         path = host.resolve_model(CHECKPOINT_FOLDERS, ckpt_name)
         device = host.torch_device()
         dtype = resolve_weight_dtype(weight_dtype, device)
-        key = (file_key(path), dtype, str(device))
-        model, clip, vae = self._cache.get(key, lambda: self._load(path, dtype, device))
+        key = (file_key(path), dtype, str(device), bool(compile))
+        model, clip, vae = self._cache.get(key, lambda: self._load(path, dtype, device, bool(compile)))
         return {"ui": {"sd35_info": [model_info(model, clip, vae, dtype)]}, "result": (model, clip, vae)}
 
     @staticmethod
-    def _load(path: str, dtype: str, device: torch.device):
+    def _load(path: str, dtype: str, device: torch.device, compile: bool = False):
         # Weights are read onto the offload device; ComfyUI moves them to the GPU when a node needs them.
         text_device = host.text_encoder_device()
         parts = load_checkpoint(path, dtype, host.offload_device(), text_dtype=host.default_weight_dtype(text_device))
+        if compile:
+            compile_model(parts.model.mmdit)
         model = SD35Model(parts.model, managed_diffusion(parts.model, device))
         clip = _make_clip(parts.text_encoders, host.text_encoder_device(), path) if parts.text_encoders else None
         vae = SD35VAE(parts.vae, host.ManagedModule(parts.vae, host.vae_device()), path) if parts.vae else None

@@ -139,14 +139,26 @@ def generate(opts: GenerateOptions, *, log: TextIO | None = None, now: datetime.
         run_steps = settings.steps - (0 if init is None else int(settings.steps * (1 - opts.denoise)))
         bar = ProgressBar(run_steps, label=f"image {i + 1}/{len(prompts)} seed {seed}", stream=log)
         request = replace(request, seed=seed)
+        step_ends: list[float] = []
+
+        def on_step(info, bar=bar, step_ends=step_ends) -> None:
+            step_ends.append(time.perf_counter())
+            bar.step_callback(info)
+
         t = time.perf_counter()
         with applied(model.mmdit, loaded.model_loras):
             if init is None:
                 latent = txt2img(model.mmdit, positive, negative, request, width=opts.width, height=opts.height,
-                                 callback=bar.step_callback)
+                                 callback=on_step)
             else:
-                latent = img2img(model.mmdit, positive, negative, request, init_latent=init,
-                                 callback=bar.step_callback)
+                latent = img2img(model.mmdit, positive, negative, request, init_latent=init, callback=on_step)
+        if i == 0 and step_ends:
+            # The first step compiles (with --compile) or warms caches: reported apart from the rest.
+            seconds["first_step"] = step_ends[0] - t
+            if opts.compile and len(step_ends) > 1:
+                later = (step_ends[-1] - step_ends[0]) / (len(step_ends) - 1)
+                say(f"compile: first step {seconds['first_step']:.2f} s (warm-up, compiling), "
+                    f"later steps {later:.3f} s each")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds["sample"] += time.perf_counter() - t

@@ -130,6 +130,10 @@ def load_models(
     say(f"Loading SD3 model {os.path.basename(opts.model)}...")
     parts = load_checkpoint(opts.model, opts.dtype, device)
     model = parts.model
+    if opts.compile:
+        from sd35_core.compile import compile_model
+
+        compile_model(model.mmdit)
 
     text_device = pick_device(opts.text_encoder_device or "cpu")
     encoders: dict[str, Any] = {}

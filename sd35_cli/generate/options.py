@@ -248,6 +248,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _opt(ext, "save_latent", type=parse_optional_str, metavar="FILE",
          help="also write the final latents (VAE space, what the decoder receives; [N,16,H/8,W/8] for N prompts) "
               "as .safetensors under the key 'latent'")
+    _flag(ext, "compile", "run the diffusion model's joint blocks through torch.compile (the first step compiles and "
+                          "is reported separately; falls back to eager with a warning where compiling is unavailable)")
     _flag(ext, "json", "print a JSON summary on stdout (files, seeds, seconds per step, peak memory); "
                        "all other output goes to stderr")
     parser.add_argument("positional", nargs="*", metavar="ARG",
@@ -302,6 +304,7 @@ class GenerateOptions:
     controlnet_strength: float = 1.0
     controlnet_preprocess: str = "none"
     save_latent: str | None = None
+    compile: bool = False
     json: bool = False
 
 

@@ -355,3 +355,15 @@ def test_bench_runs_the_benchmark_script_and_prints_its_json(capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["config"]["depth"] == 4 and result["config"]["skip_layers"] == [1, 2]
     assert result["slg_step_vs_naive"] > 0
+
+
+@pytest.mark.slow
+def test_compile_gives_the_eager_latent_within_1e_4_and_reports_the_first_step(capsys, gen_args, tmp_path):
+    eager_file, compiled_file = tmp_path / "eager.safetensors", tmp_path / "compiled.safetensors"
+    run_json(capsys, gen_args("--prompt", "a boat", "--postfix", "_e", "--save_latent", str(eager_file)))
+    summary, err = run_json(capsys, gen_args("--prompt", "a boat", "--postfix", "_c", "--compile",
+                                             "--save_latent", str(compiled_file)))
+    eager, compiled = load_file(eager_file)["latent"], load_file(compiled_file)["latent"]
+    assert float((compiled - eager).abs().max() / eager.abs().max()) < 1e-4
+    assert summary["seconds"]["first_step"] > 0
+    assert "compile: first step" in err

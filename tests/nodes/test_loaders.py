@@ -30,6 +30,16 @@ def test_checkpoint_with_vae_gives_model_and_vae_but_no_clip(run_node, fresh_cac
     assert isinstance(vae, SD35VAE)
 
 
+def test_the_compile_option_gives_a_separately_cached_model_with_compiled_blocks(run_node, fresh_caches):
+    plain, _, _ = run_node("SD35CheckpointLoader", ckpt_name="tiny-sd3.5_medium.safetensors", weight_dtype="default")
+    compiled, _, _ = run_node("SD35CheckpointLoader", ckpt_name="tiny-sd3.5_medium.safetensors",
+                              weight_dtype="default", compile=True)
+    assert compiled.mmdit is not plain.mmdit
+    assert getattr(compiled.mmdit, "is_compiled", False) and not getattr(plain.mmdit, "is_compiled", False)
+    # The compiled blocks wrap, not replace, the eager ones: same weights, same module names.
+    assert compiled.mmdit.state_dict().keys() == plain.mmdit.state_dict().keys()
+
+
 def test_bare_diffusion_model_from_diffusion_models_folder(run_node, fresh_caches):
     model, clip, vae = run_node("SD35CheckpointLoader", ckpt_name="tiny-sd3.5_medium-bare.safetensors",
                                 weight_dtype="bf16")
