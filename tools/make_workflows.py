@@ -36,6 +36,9 @@ CORE_NODES = {
     "LoadImage": {"inputs": [], "widgets": ["image", "upload"], "outputs": [("IMAGE", "IMAGE"), ("MASK", "MASK")]},
     "ImageScale": {"inputs": [("image", "IMAGE")], "widgets": ["upscale_method", "width", "height", "crop"],
                    "outputs": [("IMAGE", "IMAGE")]},
+    "ImagePadForOutpaint": {"inputs": [("image", "IMAGE")], "widgets": ["left", "top", "right", "bottom",
+                                                                       "feathering"],
+                            "outputs": [("IMAGE", "IMAGE"), ("MASK", "MASK")]},
     "Note": {"inputs": [], "widgets": ["text"], "outputs": []},  # frontend-only: not sent to the server
 }
 FRONTEND_ONLY = {"Note"}
@@ -327,7 +330,8 @@ HEIGHTS = {"SD35CheckpointLoader": 200, "SD35TextEncoderLoader": 200, "SD35Contr
            "SD35TextEncode": 300, "SD35EmptyLatent": 130, "SD35Sampler": 560, "SD35VAEDecode": 140,
            "SD35VAEEncode": 140, "SD35ControlNetApply": 260, "SaveImage": 560, "LoadImage": 420,
            "ImageScale": 160, "PreviewImage": 380, "SD35CannyPreprocessor": 110, "SD35BlurPreprocessor": 90,
-           "SD35DepthNormalize": 90, "SD35LoraLoader": 200}
+           "SD35DepthNormalize": 90, "SD35LoraLoader": 200, "SD35VAEEncodeForInpaint": 170,
+           "ImagePadForOutpaint": 200}
 
 
 def _loaders(col: Column, variant: str):
@@ -467,6 +471,64 @@ def img2img(name: str, variant: str, title: str) -> Workflow:
     return wf
 
 
+INPAINT_PROMPT = "a vase of sunflowers on the table, soft window light, photograph"
+OUTPAINT_PROMPT = "a wide mountain valley at dawn, mist over a river, pine forests, photograph"
+
+
+def _masked(name: str, variant: str, title: str, *, outpaint: bool) -> Workflow:
+    """Inpainting (the mask painted on Load image) or outpainting (Pad image for outpainting's mask)."""
+    d = defaults_table()[variant]
+    wf = Workflow(name)
+    if outpaint:
+        extra = (f"Image: put your picture in ComfyUI's input folder and pick it in Load image (the workflow names "
+                 f"{IMAGE_NAME}). Pad image for outpainting adds the new canvas (here 256 pixels on the right; "
+                 "left, top, right and bottom are in steps of 8) and a mask over it that fades into the picture "
+                 "over the feathering width. SD3.5 VAE Encode (for Inpainting) greys the new part, grows the "
+                 "mask by 8 pixels and attaches it to the latent; the sampler paints the new part from noise "
+                 "(denoise 1) and keeps the picture. Keep the padded size near one megapixel.")
+    else:
+        extra = (f"Image and mask: put your picture in ComfyUI's input folder and pick it in Load image (the workflow "
+                 f"names {IMAGE_NAME}); then right-click the node, Open in MaskEditor, paint over what should be "
+                 "repainted and save. An image with transparency works the same way (transparent = repaint). "
+                 "SD3.5 VAE Encode (for Inpainting) greys the masked part, grows the mask by 6 pixels and "
+                 "attaches it to the latent; the sampler repaints it from noise (denoise 1) and keeps the rest, "
+                 "as ComfyUI's own inpainting does. The picture keeps its size (cropped to a multiple of 16): "
+                 "about one megapixel suits SD3.5. For a lighter touch that keeps the old content, use SD3.5 VAE "
+                 "Encode with Set Latent Noise Mask and a denoise below 1; the sampler's mask_mode differential "
+                 "treats a soft mask as a per-pixel strength.")
+    source = Column(wf, 0, 360)
+    image = source.add("LoadImage", HEIGHTS["LoadImage"], title="Load image", image=IMAGE_NAME, upload="image")
+    pixels, mask = (image, "IMAGE"), (image, "MASK")
+    nodes = [image]
+    if outpaint:
+        pad = source.add("ImagePadForOutpaint", HEIGHTS["ImagePadForOutpaint"], title="Pad image for outpainting",
+                         left=0, top=0, right=256, bottom=0, feathering=40)
+        wf.connect(image, "IMAGE", pad, "image")
+        pixels, mask = (pad, "IMAGE"), (pad, "MASK")
+        nodes.append(pad)
+    encode = source.add("SD35VAEEncodeForInpaint", HEIGHTS["SD35VAEEncodeForInpaint"], title="Encode for inpainting",
+                        grow_mask_by=8 if outpaint else 6)
+    nodes.append(encode)
+    models = source.next(360)
+    note = _note_node(models, _note(title, variant, d, extra=extra))
+    ckpt, clip = _loaders(models, variant)
+    wf.connect(*pixels, encode, "pixels")
+    wf.connect(ckpt, "vae", encode, "vae")
+    wf.connect(*mask, encode, "mask")
+    prompt = models.next(380)
+    pos, neg = _prompts(prompt, clip, OUTPAINT_PROMPT if outpaint else INPAINT_PROMPT)
+    sample = prompt.next(340)
+    sampler = _sampler(sample, d, {"model": (ckpt, "model"), "positive": (pos, "conditioning"),
+                                   "negative": (neg, "conditioning"), "latent": (encode, "latent")})
+    decode, save = _decode_save(sample.next(400), sampler, ckpt, f"sd35/{name}")
+    wf.group("Image and mask", GROUP_COLORS["image"], nodes)
+    wf.group("Models", GROUP_COLORS["models"], [note, ckpt, clip])
+    wf.group("Prompt", GROUP_COLORS["prompt"], [pos, neg])
+    wf.group("Sample", GROUP_COLORS["sample"], [sampler])
+    wf.group("Decode and save", GROUP_COLORS["save"], [decode, save])
+    return wf
+
+
 PREPROCESSORS = {
     "canny": ("SD35CannyPreprocessor", "Canny edges", {}, "The photo's edges are found with Canny (thresholds "
               "100/200 as on the model card); the preview shows them. To use a ready-made edge map, connect "
@@ -530,6 +592,9 @@ def build_workflows() -> dict[str, Workflow]:
         txt2img("sd3_medium_txt2img", "sd3_medium", "SD3 Medium text to image"),
         img2img("sd3.5_large_img2img", "sd3.5_large", "SD3.5 Large image to image"),
         lora("sd3.5_large_lora", "sd3.5_large", "SD3.5 Large text to image with a LoRA"),
+        _masked("sd3.5_large_inpaint", "sd3.5_large", "SD3.5 Large inpainting (repaint a masked part)",
+                outpaint=False),
+        _masked("sd3.5_large_outpaint", "sd3.5_large", "SD3.5 Large outpainting (extend the canvas)", outpaint=True),
         controlnet("sd3.5_large_controlnet_canny", "canny", "SD3.5 Large with the canny ControlNet"),
         controlnet("sd3.5_large_controlnet_blur", "blur", "SD3.5 Large with the blur ControlNet"),
         controlnet("sd3.5_large_controlnet_depth", "depth", "SD3.5 Large with the depth ControlNet"),

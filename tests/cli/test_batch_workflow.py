@@ -71,6 +71,11 @@ def info():
                           "Load Image"),
         "LoadImageMask": core({"image": [["canny.png", "photo.png"], {"image_upload": True}],
                                "channel": [["alpha", "red", "green", "blue"], {}]}, ["MASK"], "Load Image (as Mask)"),
+        "ImagePadForOutpaint": core({"image": ["IMAGE", {}],
+                                     **{side: ["INT", {"default": 0, "min": 0, "max": 16384, "step": 8}]
+                                        for side in ("left", "top", "right", "bottom")},
+                                     "feathering": ["INT", {"default": 40, "min": 0, "max": 16384}]},
+                                    ["IMAGE", "MASK"], "Pad Image for Outpainting"),
         "ConditioningZeroOut": core({"conditioning": ["CONDITIONING", {}]}, ["CONDITIONING"], "ConditioningZeroOut"),
         "CLIPTextEncode": core({"text": ["STRING", {"multiline": True}], "clip": ["CLIP", {}]}, ["CONDITIONING"],
                                "CLIP Text Encode (Prompt)"),
@@ -451,17 +456,22 @@ def test_every_shipped_editor_workflow_converts_to_its_api_twin_and_takes_every_
         assert ui_to_api(ui, info) == api, name
         problems = validate(api, info)  # this test's "server" holds tiny model files, not the released ones
         assert all("is not available on the server" in p for p in problems), (name, problems)
-        columns = ["prompt", "negative", "seed", "steps", "cfg", "denoise", "width", "height"]
+        columns = ["prompt", "negative", "seed", "steps", "cfg", "denoise"]
         types = {n["class_type"] for n in api.values()}
+        # The inpainting workflows keep the picture's own size; every other one has a size to set.
+        columns += [] if "SD35VAEEncodeForInpaint" in types else ["width", "height"]
         columns += ["control_image"] if "SD35ControlNetApply" in types else []
-        columns += ["init_image"] if "SD35VAEEncode" in types else []
+        columns += ["init_image"] if types & {"SD35VAEEncode", "SD35VAEEncodeForInpaint"} else []
+        # A mask painted on the Load image (inpainting); outpainting computes its mask from the padding.
+        columns += ["mask_image"] if "SD35VAEEncodeForInpaint" in types and "ImagePadForOutpaint" not in types else []
         targets = resolve_targets(api, columns, object_info=info)
         kinds = {c: {(api[t.node]["class_type"], t.input) for t in ts} for c, ts in targets.items()}
         assert kinds["prompt"] == kinds["negative"] == {("SD35TextEncode", "text")}, name
         assert targets["prompt"] != targets["negative"], name
         assert api[targets["prompt"][0].node]["_meta"]["title"] == "Positive prompt", name
         assert all(kinds[c] == {("SD35Sampler", c)} for c in ("seed", "steps", "cfg", "denoise")), name
-        assert kinds["width"] in ({("SD35EmptyLatent", "width")}, {("ImageScale", "width")}), name
-        for column in ("control_image", "init_image"):
+        if "width" in kinds:
+            assert kinds["width"] in ({("SD35EmptyLatent", "width")}, {("ImageScale", "width")}), name
+        for column in ("control_image", "init_image", "mask_image"):
             if column in kinds:
                 assert kinds[column] == {("LoadImage", "image")}, name

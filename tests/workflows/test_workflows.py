@@ -37,6 +37,14 @@ CORE_NODES = {
         "height": ("INT", {"default": 512, "min": 0, "max": 16384, "step": 1}),
         "crop": (["disabled", "center"],),
     }}, ("IMAGE",)),
+    "ImagePadForOutpaint": ({"required": {
+        "image": ("IMAGE",),
+        "left": ("INT", {"default": 0, "min": 0, "max": 16384, "step": 8}),
+        "top": ("INT", {"default": 0, "min": 0, "max": 16384, "step": 8}),
+        "right": ("INT", {"default": 0, "min": 0, "max": 16384, "step": 8}),
+        "bottom": ("INT", {"default": 0, "min": 0, "max": 16384, "step": 8}),
+        "feathering": ("INT", {"default": 40, "min": 0, "max": 16384, "step": 1}),
+    }}, ("IMAGE", "MASK")),
 }
 # Nodes the frontend itself provides (never sent to the server), with their widgets.
 FRONTEND_ONLY = {"Note": ["text"]}
@@ -58,6 +66,8 @@ WORKFLOW_MODELS = {
     "sd3_medium_txt2img": ("sd3_medium", False),
     "sd3.5_large_img2img": ("sd3.5_large", False),
     "sd3.5_large_lora": ("sd3.5_large", False),
+    "sd3.5_large_inpaint": ("sd3.5_large", False),
+    "sd3.5_large_outpaint": ("sd3.5_large", False),
     "sd3.5_large_controlnet_canny": ("sd3.5_large_controlnet_canny", False),
     "sd3.5_large_controlnet_blur": ("sd3.5_large_controlnet_blur", False),
     "sd3.5_large_controlnet_depth": ("sd3.5_large_controlnet_depth", False),
