@@ -1,4 +1,4 @@
-"""The sampler node: CFG, skip-layer guidance and ControlNets over sd35_core's pipeline."""
+"""The sampler node: CFG, skip-layer guidance, ControlNets and noise masks over sd35_core's pipeline."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from ..sd35_core.controlnet import ControlHint, check_controlnet_fits, prepare_c
 from ..sd35_core.defaults import defaults_for
 from ..sd35_core.guidance import CondEntry
 from ..sd35_core.latent import process_in
+from ..sd35_core.mask import MASK_MODES, latent_mask
 from ..sd35_core.request import MAX_SEED, SEED_MODES, SLG_WINDOWS, SampleRequest, SkipLayerGuidance
 from ..sd35_core.samplers import SAMPLERS
 from ..sd35_core.schedule import SCHEDULES
@@ -99,7 +100,9 @@ class SD35Sampler:
                                                          "are honoured)."}),
                 "negative": ("CONDITIONING", {"tooltip": "What the image should not show."}),
                 "latent": ("LATENT", {"tooltip": "SD35 Empty Latent for text-to-image, or an encoded image for "
-                                                 "image-to-image (with denoise below 1)."}),
+                                                 "image-to-image (with denoise below 1); a noise mask on it "
+                                                 "(SD35 VAE Encode (for inpaint), Set Latent Noise Mask) "
+                                                 "repaints only the masked part."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
                                  "tooltip": "Seed of the starting noise (the reference draws it on the CPU, so the "
                                             "same seed gives the same image on every device)."}),
@@ -137,6 +140,11 @@ class SD35Sampler:
                     "default": "batch",
                     "tooltip": "batch: one noise draw for the whole batch (reference); per_image: image i uses "
                                "seed + i, so it equals a single run with that seed."}),
+                "mask_mode": (list(MASK_MODES), {
+                    "default": "standard",
+                    "tooltip": "With a noise mask on the latent (inpainting): standard repaints the masked part as "
+                               "ComfyUI's KSampler does; differential treats a soft mask as per-pixel strength "
+                               "(a pixel of value m is repainted only over the last m of the noise range)."}),
             },
         }
 
@@ -145,17 +153,22 @@ class SD35Sampler:
     OUTPUT_TOOLTIPS = ("The denoised latent (raw VAE space), for SD35 VAE Decode.",)
     FUNCTION = "sample"
     CATEGORY = "sd35/sampling"
-    DESCRIPTION = ("Samples an SD3 / SD3.5 model as the Stability reference does, with skip-layer guidance and "
-                   "the ControlNets attached by SD35 Apply ControlNet.")
+    DESCRIPTION = ("Samples an SD3 / SD3.5 model as the Stability reference does, with skip-layer guidance, "
+                   "the ControlNets attached by SD35 Apply ControlNet, and the latent's noise mask (inpainting "
+                   "and outpainting, as ComfyUI's KSampler).")
 
     def sample(self, model, positive, negative, latent, seed, steps, cfg, sampler, schedule, shift, denoise,
-               slg_layers, slg_scale, slg_start, slg_end, slg_window, seed_mode="batch"):
+               slg_layers, slg_scale, slg_start, slg_end, slg_window, seed_mode="batch", mask_mode="standard"):
         model = require_type(model, SD35Model, "model", NODE)
         if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
             raise ValueError(f"{NODE}: the latent input is not a LATENT")
-        if latent.get("noise_mask") is not None:
-            raise ValueError(f"{NODE}: latents with a noise mask (inpainting) are not supported")
         samples = latent["samples"]
+        noise_mask = latent.get("noise_mask")
+        if noise_mask is not None:
+            try:
+                latent_mask(noise_mask, samples.shape)  # the mask's checks, named after this node
+            except ValueError as e:
+                raise ValueError(f"{NODE}: the latent's {e}") from None
         if denoise <= 0.0:
             return (dict(latent),)
         pos, pos_controls = to_entries(positive, "positive")
@@ -174,7 +187,7 @@ class SD35Sampler:
         hints = build_hints(specs, model, samples) if specs else []
         request = SampleRequest(steps=steps, cfg=cfg, sampler=sampler, schedule=schedule, shift=shift, seed=seed,
                                 seed_mode=seed_mode, denoise=min(denoise, 1.0), slg=slg, controls=hints,
-                                skip_uncond_at_cfg1=True)
+                                skip_uncond_at_cfg1=True, noise_mask=noise_mask, mask_mode=mask_mode)
         rows = 2 + (1 if slg is not None else 0)
         model.managed.load(extra=[s.controlnet.managed for s in specs],
                            memory_required=model_memory_estimate(model, samples, rows))
@@ -185,12 +198,12 @@ class SD35Sampler:
 
         hooks = dict(callback=callback, should_cancel=host.check_interrupt)
         with lora_context(model, model.mmdit):  # the LoRA stack, merged for this run and undone after it
-            if request.denoise == 1.0:
+            if request.denoise == 1.0 and request.noise_mask is None:
                 b, _, h, w = samples.shape
                 out = pipeline.txt2img(model.mmdit, pos, neg, request, width=w * 8, height=h * 8, batch_size=b,
                                        **hooks)
-            else:
+            else:  # an image to start from, or a noise mask that keeps part of the latent
                 out = pipeline.img2img(model.mmdit, pos, neg, request, init_latent=samples, **hooks)
-        result = {k: v for k, v in latent.items() if k != "noise_mask"}
+        result = dict(latent)  # the noise mask stays on the latent, as ComfyUI's KSampler leaves it
         result["samples"] = out.to(device="cpu", dtype=torch.float32)
         return (result,)

@@ -11,8 +11,9 @@ ComfyUI's ``LATENT`` type. What :func:`sample` does, step by step, is the Stabil
    generator seeded ``seed + i`` instead, so image ``i`` equals a batch-1 run with seed ``seed + i``;
 2. sigmas from the schedule, dropping the first ``int(steps * (1 - denoise))`` (img2img);
 3. ``x = sigma_0 * noise + (1 - sigma_0) * process_in(init_latent)`` (txt2img: an all-zero latent, which
-   sigma_0 = 1 makes irrelevant);
-4. the sampler over the :class:`~.guidance.Guider` (CFG, skip-layer guidance, ControlNet hints);
+   sigma_0 = 1 makes irrelevant; as in ComfyUI an all-zero latent is not shifted, it stays 0 in model space);
+4. the sampler over the :class:`~.guidance.Guider` (CFG, skip-layer guidance, ControlNet hints), with the
+   request's noise mask applied around it as ComfyUI's ``KSamplerX0Inpaint`` does (:mod:`.mask`);
 5. ``process_out``.
 
 Everything runs on the model's device; noise and sigmas are made on the CPU in float32 and moved there.
@@ -28,6 +29,7 @@ import torch
 
 from .guidance import CondEntry, Guider
 from .latent import process_in, process_out
+from .mask import NoiseMaskBlend, latent_mask
 from .request import MAX_SEED, SEED_MODES, SampleRequest, check_int, check_seed
 from .samplers import StepInfo, get_sampler
 
@@ -108,12 +110,23 @@ def sample(
     device = _model_device(model)
     sigmas = sigmas.to(device)
     noise = noise.to(device)
-    latent = process_in(latent.to(device=device, dtype=torch.float32))
+    mask = None if request.noise_mask is None else latent_mask(request.noise_mask, latent.shape).to(device)
+    latent = latent.to(device=device, dtype=torch.float32)
+    # As ComfyUI: an all-zero latent is the empty latent and stays 0 in model space (the reference's empty
+    # latent, filled with the latent shift, maps there too); it only matters where a noise mask keeps it.
+    if torch.count_nonzero(latent) > 0:
+        latent = process_in(latent)
 
-    def denoiser(x: torch.Tensor, sigma: torch.Tensor, step_index: int) -> torch.Tensor:
+    def guided(x: torch.Tensor, sigma: torch.Tensor, step_index: int) -> torch.Tensor:
         if should_cancel is not None and should_cancel():
             raise Interrupted(f"sampling cancelled at step {step_index + 1} of {len(sigmas) - 1}")
         return guider(x, sigma, step_index)
+
+    # The noise mask acts around the guider, in model space, as ComfyUI's KSamplerX0Inpaint: every row the
+    # guider batches (cond, uncond, the skip pass, ControlNet residuals) sees the blended latent.
+    denoiser = guided
+    if mask is not None:
+        denoiser = NoiseMaskBlend(guided, mask, latent, noise, sigmas, request.shift, request.mask_mode)
 
     with torch.no_grad():
         sigma0 = sigmas[0]

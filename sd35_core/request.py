@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .controlnet import ControlHint
+from .mask import MASK_MODES, check_mask
 from .samplers import get_sampler
 from .schedule import SCHEDULES, check_denoise, check_shift, percent_to_sigma, sigmas_for
 
@@ -133,7 +134,11 @@ class SampleRequest:
     - ``denoise`` in (0, 1]: 1 samples from pure noise, less keeps part of the starting latent;
     - ``slg``: skip-layer guidance or ``None``; ``controls``: the ControlNet hints (stored as a tuple);
     - ``share_slg_prefix`` and ``skip_uncond_at_cfg1``: how the :class:`~.guidance.Guider` batches
-      its model passes (see there).
+      its model passes (see there);
+    - ``noise_mask``: ``None``, or where to repaint (1) and where to keep the starting latent (0), a ComfyUI
+      ``MASK`` ``[B, H, W]`` or ``noise_mask`` ``[B, 1, H, W]`` of values in 0..1 at any size (resized to the
+      latent as ComfyUI does; its batch must be 1 or the latent's); ``mask_mode``: ``standard`` (ComfyUI's
+      noise-mask sampling) or ``differential`` (a soft mask as per-pixel strength; see :mod:`.mask`).
 
     Adding a setting: give it a field here with a default that keeps today's behaviour, check it in
     :meth:`__post_init__` (a ``ValueError`` starting with the field name), and read it from the
@@ -153,6 +158,8 @@ class SampleRequest:
     controls: tuple[ControlHint, ...] = ()
     share_slg_prefix: bool = True
     skip_uncond_at_cfg1: bool = False
+    noise_mask: torch.Tensor | None = None
+    mask_mode: str = "standard"
 
     def __post_init__(self) -> None:
         check_int("steps", self.steps, 1)
@@ -177,6 +184,10 @@ class SampleRequest:
         object.__setattr__(self, "controls", controls)
         _check_bool("share_slg_prefix", self.share_slg_prefix)
         _check_bool("skip_uncond_at_cfg1", self.skip_uncond_at_cfg1)
+        if self.noise_mask is not None:
+            object.__setattr__(self, "noise_mask", check_mask(self.noise_mask, "noise_mask"))
+        if self.mask_mode not in MASK_MODES:
+            raise ValueError(f"mask_mode: expected one of {', '.join(MASK_MODES)}, got {self.mask_mode!r}")
 
     def sigmas(self) -> torch.Tensor:
         """The sigmas this run samples (CPU float32): the schedule, img2img-truncated by ``denoise``."""

@@ -240,6 +240,69 @@ def test_corrupt_checkpoint_is_a_node_error_and_the_server_keeps_serving(server)
     assert_success(after, server)
 
 
+def _saved_latent(server, prefix):
+    import glob
+
+    from safetensors.torch import load_file
+
+    (path,) = glob.glob(os.path.join(server.base, "output", f"{prefix}_*.latent"))
+    return load_file(path)["latent_tensor"]
+
+
+def test_inpainting_with_a_mask_painted_in_loadimage_keeps_the_rest(server):
+    from PIL import Image
+
+    # What ComfyUI's mask editor saves: the picture with the painted part made transparent.
+    rgba = Image.open(os.path.join(server.base, "input", "photo.png")).convert("RGBA")
+    alpha = Image.new("L", rgba.size, 255)
+    alpha.paste(0, (16, 16, 48, 32))  # columns 16..47, rows 16..31: on the 16-pixel grid
+    rgba.putalpha(alpha)
+    rgba.save(os.path.join(server.base, "input", "painted.png"))
+    g = base_graph(ckpt=LARGE, prefix="inpaint")
+    g["11"] = {"class_type": "LoadImage", "inputs": {"image": "painted.png"}}
+    g["12"] = {"class_type": "SD35VAEEncodeForInpaint", "inputs": {"pixels": ["11", 0], "vae": ["1", 2],
+                                                                   "mask": ["11", 1], "grow_mask_by": 0}}
+    g["20"] = sampler(["1", 0], ["3", 0], ["4", 0], ["12", 0], slg_scale=0.0, sampler="euler", steps=3)
+    g["21"] = {"class_type": "SaveLatent", "inputs": {"samples": ["12", 0], "filename_prefix": "inpaint_in"}}
+    g["22"] = {"class_type": "SaveLatent", "inputs": {"samples": ["20", 0], "filename_prefix": "inpaint_out"}}
+    result = server.run(g)
+    assert_success(result, server)
+    (image,) = server.images(result["prompt_id"])
+    assert image.shape == (64, 64, 3)
+    before, after = _saved_latent(server, "inpaint_in"), _saved_latent(server, "inpaint_out")
+    repainted = np.zeros((8, 8), bool)
+    repainted[2:4, 2:6] = True
+    after, before = after.numpy(), before.numpy()
+    assert np.abs(after[..., ~repainted] - before[..., ~repainted]).max() < 1e-4
+    assert np.abs(after[..., repainted] - before[..., repainted]).max() > 0.1
+
+
+def test_outpainting_and_set_latent_noise_mask_with_comfyuis_nodes(server):
+    g = base_graph(ckpt=LARGE, prefix="outpaint")
+    g["11"] = {"class_type": "LoadImage", "inputs": {"image": "photo.png"}}
+    g["13"] = {"class_type": "ImagePadForOutpaint", "inputs": {"image": ["11", 0], "left": 0, "top": 0,
+                                                               "right": 32, "bottom": 0, "feathering": 16}}
+    g["12"] = {"class_type": "SD35VAEEncodeForInpaint", "inputs": {"pixels": ["13", 0], "vae": ["1", 2],
+                                                                   "mask": ["13", 1], "grow_mask_by": 8}}
+    g["20"] = sampler(["1", 0], ["3", 0], ["4", 0], ["12", 0], slg_scale=0.0, sampler="euler", steps=3)
+    result = server.run(g)
+    assert_success(result, server)
+    (image,) = server.images(result["prompt_id"])
+    assert image.shape == (64, 96, 3)
+
+    g = base_graph(ckpt=LARGE, prefix="noise_mask")
+    g["11"] = {"class_type": "LoadImage", "inputs": {"image": "painted.png"}}
+    g["12"] = {"class_type": "SD35VAEEncode", "inputs": {"pixels": ["11", 0], "vae": ["1", 2]}}
+    g["14"] = {"class_type": "GrowMask", "inputs": {"mask": ["11", 1], "expand": 4, "tapered_corners": True}}
+    g["15"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["12", 0], "mask": ["14", 0]}}
+    g["20"] = sampler(["1", 0], ["3", 0], ["4", 0], ["15", 0], slg_scale=0.0, sampler="euler", steps=4,
+                      denoise=0.6, mask_mode="differential")
+    result = server.run(g)
+    assert_success(result, server)
+    (image,) = server.images(result["prompt_id"])
+    assert image.shape == (64, 64, 3)
+
+
 def test_the_server_log_has_no_warnings_about_the_pack(server):
     for line in server.log().splitlines():
         if "WARNING" in line or "Cannot import" in line:

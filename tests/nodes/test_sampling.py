@@ -149,9 +149,6 @@ def test_img2img_through_vae_encode_equals_the_pipeline(run_node, parts):
     (unchanged,) = run_node("SD35Sampler", model=model, positive=pos, negative=neg, latent=latent,
                             **sampler_inputs(denoise=0.0))
     assert torch.equal(unchanged["samples"], latent["samples"])
-    with pytest.raises(ValueError, match="noise mask"):
-        run_node("SD35Sampler", model=model, positive=pos, negative=neg,
-                 latent={**latent, "noise_mask": torch.ones(1, SIZE, SIZE)}, **sampler_inputs())
 
 
 def test_tiled_vae_matches_whole_vae(run_node, parts):
