@@ -15,7 +15,7 @@ from typing import TextIO
 import torch
 
 from ..main import UsageError
-from .images import control_type_of, decode_image, encode_inputs
+from .images import control_type_of, decode_image, encode_inputs, load_noise_mask
 from .models import LoadedModels, inspect_model, load_models, pick_device
 from .options import RAND_SEED_LIMIT, SEED_TYPES, GenerateOptions, options_from_args, validate_options
 from .output import GenerateResult, output_dir, save_latents
@@ -87,6 +87,11 @@ def generate(opts: GenerateOptions, *, log: TextIO | None = None, now: datetime.
 
     validate_options(opts)
     prompts = read_prompts(opts.prompt)
+    noise_mask = None
+    if opts.mask:
+        noise_mask = load_noise_mask(opts.mask, opts.width, opts.height, opts.grow_mask)
+        if not noise_mask.any():
+            say(f"note: --mask {opts.mask} is black (nothing to repaint): the result is the init image")
     device = pick_device(opts.device)
     seconds: dict[str, float] = {}
 
@@ -119,7 +124,7 @@ def generate(opts: GenerateOptions, *, log: TextIO | None = None, now: datetime.
     seeds = seeds_for(opts.seed, opts.seed_type, len(prompts))
     request = SampleRequest(steps=settings.steps, cfg=settings.cfg, sampler=settings.sampler, shift=settings.shift,
                             seed=seeds[0], denoise=opts.denoise if init is not None else 1.0, slg=settings.slg,
-                            controls=controls)
+                            controls=controls, noise_mask=noise_mask, mask_mode=opts.mask_mode)
     os.makedirs(out_dir, exist_ok=False)
     control_file = None
     if shown is not None:

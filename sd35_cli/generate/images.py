@@ -39,6 +39,27 @@ def init_latent(vae: Any, path: str, width: int, height: int) -> torch.Tensor:
     return encode_image(vae, x * 2.0 - 1.0)
 
 
+def load_noise_mask(path: str, width: int, height: int, grow: int) -> torch.Tensor:
+    """``--mask`` as a ``[1, 1, height, width]`` mask (1 = repaint), resized bilinearly to the image, grown.
+
+    The init image is resized to the whole ``width`` x ``height`` frame, so the mask is too; ``UsageError``
+    naming the file when it cannot be read.
+    """
+    import torch.nn.functional as F
+
+    from sd35_core.mask import grow_mask, load_mask
+
+    from ..main import UsageError
+
+    try:
+        mask = load_mask(path)[None]
+    except ValueError as e:
+        raise UsageError(f"--{e}") from None
+    if tuple(mask.shape[-2:]) != (height, width):
+        mask = F.interpolate(mask, size=(height, width), mode="bilinear")
+    return grow_mask(mask, grow).round() if grow else mask
+
+
 def control_type_of(loaded: LoadedModels, opts: GenerateOptions) -> str:
     """The ControlNet's type: from the file's ``control_type`` tensor, else from its file name."""
     name = loaded.controlnet.control_type_name if loaded.controlnet is not None else None

@@ -14,11 +14,12 @@ import os
 import re
 from dataclasses import dataclass
 
+from sd35_core.mask import MASK_MODES
 from sd35_core.samplers import SAMPLERS
 
 from ..main import UsageError
 
-HELP = "text-to-image / image-to-image / ControlNet, a drop-in for the reference's sd3_infer.py"
+HELP = "text-to-image / image-to-image / inpainting / ControlNet, a drop-in for the reference's sd3_infer.py"
 DESCRIPTION = """\
 Generate images with SD3 Medium, SD3.5 Medium, Large, Large Turbo and the SD3.5 Large ControlNets.
 
@@ -38,7 +39,9 @@ Where this differs from the reference, on purpose:
   * An existing output folder is an error, as in the reference (choose another --postfix).
 Beyond the reference: explicit SLG parameters (--slg_*), text encoder files (--clip_l, --clip_g, --t5xxl;
 --t5xxl none runs without T5), tokenizer files (--tokenizers, --comfyui or COMFYUI_PATH), --device, --dtype,
---save_latent, --json, --negative_prompt, ControlNet strength and image preprocessing.
+--save_latent, --json, --negative_prompt, ControlNet strength and image preprocessing, and inpainting:
+--init_image IMG --mask MASK.png repaints where the mask is white (or the image transparent) and keeps the
+rest, as ComfyUI's noise-mask sampling (--grow_mask N, --mask_mode differential for soft masks).
 """
 
 # The reference's module-level defaults (sd3_infer.py), kept so that omitted options behave the same.
@@ -245,6 +248,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _opt(ext, "controlnet_preprocess", choices=("none", "auto", "canny", "blur"),
          help="none: the control image is used as given (default, as the reference); auto: canny edges or "
               "blur chosen by the ControlNet's type; canny/blur: that preprocessor")
+    _opt(ext, "mask", type=parse_optional_str, metavar="MASK.png",
+         help="with --init_image: repaint only where the mask is white (or where the image is transparent), "
+              "keeping the rest of the init image, as ComfyUI's noise-mask sampling; resized to the image")
+    _opt(ext, "grow_mask", type=parse_int, metavar="N",
+         help="with --mask: round the mask and grow it by N pixels, as ComfyUI's VAE Encode (for Inpainting) "
+              "(default: 0, the mask as given)")
+    _opt(ext, "mask_mode", choices=MASK_MODES,
+         help="with --mask: standard (default) or differential (a grey level m repaints over the last m of the "
+              "noise range: a soft mask as per-pixel strength)")
     _opt(ext, "save_latent", type=parse_optional_str, metavar="FILE",
          help="also write the final latents (VAE space, what the decoder receives; [N,16,H/8,W/8] for N prompts) "
               "as .safetensors under the key 'latent'")
@@ -303,6 +315,9 @@ class GenerateOptions:
     lora: tuple[LoraSpec, ...] = ()
     controlnet_strength: float = 1.0
     controlnet_preprocess: str = "none"
+    mask: str | None = None
+    grow_mask: int = 0
+    mask_mode: str = "standard"
     save_latent: str | None = None
     compile: bool = False
     json: bool = False
@@ -373,6 +388,12 @@ def validate_options(opts: GenerateOptions) -> None:
         raise UsageError(f"--seed {opts.seed}: expected a whole number >= 0")
     if opts.init_image and not (opts.denoise is not None and 0.0 < opts.denoise <= 1.0):
         raise UsageError(f"--denoise {opts.denoise}: expected a number in (0, 1] (the fraction of steps to run)")
+    if opts.mask and not opts.init_image:
+        raise UsageError("--mask needs --init_image (the picture whose masked part is repainted)")
+    if opts.grow_mask is None or opts.grow_mask < 0:
+        raise UsageError(f"--grow_mask {opts.grow_mask}: expected a whole number of pixels >= 0")
+    if opts.mask_mode not in MASK_MODES:
+        raise UsageError(f"--mask_mode {opts.mask_mode}: expected one of {', '.join(MASK_MODES)}")
     if opts.controlnet_cond_image and not opts.controlnet_ckpt:
         raise UsageError("--controlnet_cond_image needs --controlnet_ckpt (the ControlNet to feed it to)")
     if opts.controlnet_ckpt and not opts.controlnet_cond_image:

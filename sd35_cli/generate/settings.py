@@ -100,4 +100,6 @@ def settings_summary(s: Settings, opts: GenerateOptions) -> dict[str, Any]:
          "defaults_from": s.defaults_from, "seed_type": opts.seed_type}
     if opts.init_image:
         d["denoise"] = opts.denoise
+    if opts.mask:
+        d["mask"] = {"file": opts.mask, "grow": opts.grow_mask, "mode": opts.mask_mode}
     return d
