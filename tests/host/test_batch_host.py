@@ -312,6 +312,44 @@ def test_control_images_are_uploaded_per_row(servers, tmp_path):
         assert x.tobytes() != y.tobytes()  # same prompt and seed: only the control image differs
 
 
+def test_the_shipped_inpaint_workflow_takes_a_mask_per_row(servers, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    a = servers[0]
+    wf = os.path.join(ROOT, "workflows", "sd3.5_large_inpaint.json")
+    rgb = np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "photo.png")
+    for name, box in (("left", (0, 0, 32, 48)), ("right", (32, 0, 64, 48))):
+        mask = Image.new("L", (64, 48), 0)
+        mask.paste(255, box)
+        mask.save(tmp_path / f"{name}.png")
+    prompts = tmp_path / "rows.csv"
+    prompts.write_text("prompt,init_image,mask_image,ckpt,steps\n"
+                       "a vase,photo.png,left.png,tiny-sd3.5_large.safetensors,2\n"
+                       "a vase,photo.png,right.png,tiny-sd3.5_large.safetensors,2\n")
+    out = str(tmp_path / "out")
+    rc, _, err = finish(client("-w", wf, "-p", str(prompts), "-o", out, "-s", a.address, "--seed", "3",
+                               "--map", "ckpt=Load checkpoint.ckpt_name"), servers)
+    assert rc == 0, err
+    names = images_in(out)
+    assert len(names) == 2
+    assert_pngs(out, names, size=(64, 48))  # the picture's own size
+    # Each row's picture went up with its mask as the alpha, as the MaskEditor would have saved it.
+    uploaded = sorted(os.listdir(os.path.join(a.base, "input", "sd35_batch")))
+    masked = [u for u in uploaded if u.endswith("_photo_masked.png")]
+    assert len(masked) == 2
+    alphas = []
+    for name in masked:
+        with Image.open(os.path.join(a.base, "input", "sd35_batch", name)) as im:
+            assert im.mode == "RGBA" and (np.asarray(im)[..., :3] == rgb).all()
+            alphas.append(np.asarray(im)[..., 3])
+    assert sorted(int(al[:, :32].max()) for al in alphas) == [0, 255]
+    with Image.open(os.path.join(out, names[0])) as x, Image.open(os.path.join(out, names[1])) as y:
+        left, right = np.asarray(x).astype(int), np.asarray(y).astype(int)
+    assert np.abs(left - right).max() > 0  # only the mask differs between the rows
+
+
 def test_twelve_rows_over_two_servers_survive_one_of_them_dying(servers, workflow, tmp_path):
     a, b = servers
     out = str(tmp_path / "out")
