@@ -475,3 +475,14 @@ def test_every_shipped_editor_workflow_converts_to_its_api_twin_and_takes_every_
         for column in ("control_image", "init_image", "mask_image"):
             if column in kinds:
                 assert kinds[column] == {("LoadImage", "image")}, name
+
+
+def test_lora_columns_map_to_the_lora_node_of_the_shipped_workflow(info):
+    name = "sd3.5_large_lora.json"
+    api = to_api(load_workflow(os.path.join(ROOT, "workflows", "api", name)), info, name)
+    targets = resolve_targets(api, ["prompt", "lora", "lora_strength"],
+                              ["lora=Load LoRA.lora_name", "lora_strength=Load LoRA.strength_model"], info)
+    out = apply_settings(api, targets, {"lora": "style.safetensors", "lora_strength": "0.6"}, info)
+    node = out[targets["lora"][0].node]
+    assert node["class_type"] == "SD35LoraLoader"
+    assert node["inputs"]["lora_name"] == "style.safetensors" and node["inputs"]["strength_model"] == 0.6
