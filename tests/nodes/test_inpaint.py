@@ -58,6 +58,19 @@ def test_encode_for_inpaint_takes_an_outpaint_mask_for_a_batch(run_node, vae):
     assert torch.equal(latent["noise_mask"][0, 0], mask[0].round())
 
 
+def test_encode_for_inpaint_tiled_equals_the_tiled_plain_encode_of_the_greyed_image(run_node, vae):
+    image = _image(h=96, w=80)
+    mask = torch.zeros(1, 96, 80)
+    mask[:, 30:60, 20:50] = 1.0
+    tiles = dict(tiled=True, tile_size=64, overlap=16)
+    (latent,) = run_node("SD35VAEEncodeForInpaint", pixels=image, vae=vae, mask=mask, grow_mask_by=0, **tiles)
+    grey = image.clone()
+    grey[:, 30:60, 20:50] = 0.5
+    (plain,) = run_node("SD35VAEEncode", pixels=grey, vae=vae, **tiles)
+    torch.testing.assert_close(latent["samples"], plain["samples"], rtol=0, atol=1e-6)
+    assert torch.equal(latent["noise_mask"][0], mask)
+
+
 @pytest.mark.parametrize(
     ("mask", "message"),
     [
