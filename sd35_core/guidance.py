@@ -47,6 +47,7 @@ from .controlnet import controlnet_residuals, expand_residuals
 from .request import SampleRequest, check_finite
 from .request import SkipLayerGuidance as SkipLayerGuidance  # its home is the request; re-exported for importers
 from .schedule import percent_to_sigma
+from .step_cache import GroupBatch, StepCache
 
 if TYPE_CHECKING:
     from .mmditx import MMDiTX
@@ -113,6 +114,7 @@ class GuidanceStats:
     shared_prefix_steps: int = 0
     separate_skip_steps: int = 0
     row_blocks: int = 0  # joint-block evaluations times batch rows
+    cache_hits: int = 0  # steps whose blocks after the first were reused from the step cache
 
 
 class Guider:
@@ -144,6 +146,9 @@ class Guider:
         self.negative = self._prepare("negative", negative)
         self.stats = GuidanceStats()
         self._warned_empty = False
+        self.cache = None
+        if request.cache_threshold > 0:
+            self.cache = StepCache(request.cache_threshold, last_step=len(request.sigmas()) - 2)
 
     # ------------------------------------------------------------------------------------------
     # setup
@@ -280,6 +285,20 @@ class Guider:
             count += strength
         return out / count
 
+    def _group_pass(self, g: GroupBatch, hints, slg: SkipLayerGuidance | None):
+        """One batch group's denoised rows and, when it has skip rows, their skip-layer prediction."""
+        residuals = self._residuals(hints, g.x, g.sigma, g.pooled) if hints else None
+        if not g.n_skip:
+            return self.run(g.x, g.sigma, g.context, g.pooled, residuals=residuals), None
+        if residuals is None and self.request.share_slg_prefix:
+            self.stats.shared_prefix_steps += 1
+            return self.run_with_skip(g.x, g.sigma, g.context, g.pooled, g.n_skip, slg.layers)
+        den = self.run(g.x, g.sigma, g.context, g.pooled, residuals=residuals)
+        rows = slice(0, g.n_skip)
+        den_skip = self.run(g.x[rows], g.sigma[rows], g.context[rows], g.pooled[rows], skip_layers=slg.layers)
+        self.stats.separate_skip_steps += 1
+        return den, den_skip
+
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, step_index: int) -> torch.Tensor:
         request = self.request
@@ -299,29 +318,25 @@ class Guider:
             key = (tuple(job.entry.context.shape[1:]), tuple(job.entry.pooled.shape[1:]))
             groups.setdefault(key, []).append(job)
 
+        batches = []
+        for group in groups.values():
+            n = len(group)
+            batches.append(GroupBatch(
+                torch.cat([x] * n), torch.cat([sigma] * n),
+                torch.cat([self._rows(j.entry.context, batch) for j in group]),
+                torch.cat([self._rows(j.entry.pooled, batch) for j in group]),
+                sum(j.positive for j in group) * batch if slg_on else 0,
+                tuple((j.positive, j.index) for j in group),
+            ))
+        if self.cache is not None:
+            results = self.cache.step(self, batches, hints, slg.layers if slg_on else None, step_index)
+        else:
+            results = [self._group_pass(g, hints, slg) for g in batches]
+
         pos_preds: list[tuple[torch.Tensor, float]] = []
         neg_preds: list[tuple[torch.Tensor, float]] = []
         skip_preds: list[tuple[torch.Tensor, float]] = []
-        for group in groups.values():
-            n = len(group)
-            xg = torch.cat([x] * n)
-            sg = torch.cat([sigma] * n)
-            ctx = torch.cat([self._rows(j.entry.context, batch) for j in group])
-            pooled = torch.cat([self._rows(j.entry.pooled, batch) for j in group])
-            residuals = self._residuals(hints, xg, sg, pooled) if hints else None
-            n_pos = sum(j.positive for j in group) * batch
-            den_skip = None
-            if slg_on and n_pos:
-                if residuals is None and request.share_slg_prefix:
-                    den, den_skip = self.run_with_skip(xg, sg, ctx, pooled, n_pos, slg.layers)
-                    self.stats.shared_prefix_steps += 1
-                else:
-                    den = self.run(xg, sg, ctx, pooled, residuals=residuals)
-                    rows = slice(0, n_pos)
-                    den_skip = self.run(xg[rows], sg[rows], ctx[rows], pooled[rows], skip_layers=slg.layers)
-                    self.stats.separate_skip_steps += 1
-            else:
-                den = self.run(xg, sg, ctx, pooled, residuals=residuals)
+        for group, (den, den_skip) in zip(groups.values(), results, strict=True):
             chunks = den.split(batch)
             skip_chunks = den_skip.split(batch) if den_skip is not None else ()
             for j, (job, chunk) in enumerate(zip(group, chunks, strict=True)):

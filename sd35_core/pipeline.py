@@ -22,12 +22,13 @@ Stochastic samplers keep drawing from the same generator(s), so runs are reprodu
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
-from .guidance import CondEntry, Guider
+from .guidance import CondEntry, GuidanceStats, Guider
 from .latent import process_in, process_out
 from .mask import NoiseMaskBlend, latent_mask
 from .request import MAX_SEED, SEED_MODES, SampleRequest, check_int, check_seed
@@ -35,6 +36,8 @@ from .samplers import StepInfo, get_sampler
 
 if TYPE_CHECKING:
     from .mmditx import MMDiTX
+
+log = logging.getLogger(__name__)
 
 __all__ = ["MAX_SEED", "SEED_MODES", "Interrupted", "SampleRequest", "img2img", "make_noise", "sample", "txt2img"]
 
@@ -91,13 +94,15 @@ def sample(
     *,
     callback: Callable[[StepInfo], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    stats: GuidanceStats | None = None,
 ) -> torch.Tensor:
     """Sample ``request`` from ``latent`` (raw VAE space ``[B, 16, h, w]``; at ``denoise`` 1 its content
     does not matter, an all-zero latent is the usual text-to-image start); returns ``[B, 16, h, w]``.
 
     ``callback`` receives a :class:`~.samplers.StepInfo` after each step's model call (its ``denoised``
     is the current x0 estimate, for previews); ``should_cancel`` is polled before every model call and a
-    true result raises :class:`Interrupted`.
+    true result raises :class:`Interrupted`. ``stats``, when given, is filled in with what the run computed
+    (model passes, step-cache hits); a run with the step cache also logs how many evaluations it saved.
     """
     if not isinstance(request, SampleRequest):
         raise ValueError(f"request: expected a SampleRequest, got {type(request).__name__}")
@@ -105,6 +110,8 @@ def sample(
     sampler = get_sampler(request.sampler)
     sigmas = request.sigmas()
     guider = Guider(model, positive, negative, request)
+    if stats is not None:
+        guider.stats = stats
     noise, generator = make_noise(latent.shape, request.seed, request.seed_mode)
 
     device = _model_device(model)
@@ -132,6 +139,10 @@ def sample(
         sigma0 = sigmas[0]
         x = sigma0 * noise + (1.0 - sigma0) * latent
         x = sampler(denoiser, x, sigmas, callback=callback, generator=generator)
+    if guider.cache is not None:
+        log.info("step cache (threshold %g): %d of %d steps reused, %d model evaluations saved",
+                 request.cache_threshold, guider.cache.cached_steps,
+                 guider.cache.cached_steps + guider.cache.full_steps, guider.cache.cached_steps)
     return process_out(x)
 
 
@@ -146,6 +157,7 @@ def txt2img(
     batch_size: int = 1,
     callback: Callable[[StepInfo], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    stats: GuidanceStats | None = None,
 ) -> torch.Tensor:
     """Generate ``batch_size`` latents of ``width`` x ``height`` pixels; raw VAE space ``[B, 16, h/8, w/8]``.
 
@@ -162,7 +174,8 @@ def txt2img(
     config.check_image_size(width, height)
     batch_size = check_int("batch_size", batch_size, 1)
     latent = torch.zeros((batch_size, config.in_channels, height // 8, width // 8), dtype=torch.float32)
-    return sample(model, positive, negative, latent, request, callback=callback, should_cancel=should_cancel)
+    return sample(model, positive, negative, latent, request, callback=callback, should_cancel=should_cancel,
+                  stats=stats)
 
 
 def img2img(
@@ -175,6 +188,7 @@ def img2img(
     batch_size: int | None = None,
     callback: Callable[[StepInfo], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    stats: GuidanceStats | None = None,
 ) -> torch.Tensor:
     """Re-noise ``init_latent`` (raw VAE space ``[B, 16, h, w]``) to the ``request.denoise`` point of the
     schedule and sample from there. A single init latent with ``batch_size`` > 1 is repeated. Hooks as
@@ -186,4 +200,5 @@ def img2img(
             init_latent = init_latent.expand(batch_size, -1, -1, -1)
         elif init_latent.shape[0] != batch_size:
             raise ValueError(f"batch_size: {batch_size} does not match the {init_latent.shape[0]} init latents")
-    return sample(model, positive, negative, init_latent, request, callback=callback, should_cancel=should_cancel)
+    return sample(model, positive, negative, init_latent, request, callback=callback, should_cancel=should_cancel,
+                  stats=stats)
