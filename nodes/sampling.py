@@ -145,6 +145,13 @@ class SD35Sampler:
                     "tooltip": "With a noise mask on the latent (inpainting): standard repaints the masked part as "
                                "ComfyUI's KSampler does; differential treats a soft mask as per-pixel strength "
                                "(a pixel of value m is repainted only over the last m of the noise range)."}),
+                "cache_threshold": ("FLOAT", {
+                    "default": 0.0, "min": 0.0, "max": 10.0, "step": 0.01,
+                    "tooltip": "Step cache: 0 is off. Above 0, a step whose first joint block changed less than "
+                               "this (relative) since the last full step reuses what the other blocks added then, "
+                               "for cond, uncond, the skip-layer pass and ControlNets together. Higher is faster "
+                               "and further from the uncached image; the first and last steps always run in "
+                               "full."}),
             },
         }
 
@@ -158,7 +165,8 @@ class SD35Sampler:
                    "and outpainting, as ComfyUI's KSampler).")
 
     def sample(self, model, positive, negative, latent, seed, steps, cfg, sampler, schedule, shift, denoise,
-               slg_layers, slg_scale, slg_start, slg_end, slg_window, seed_mode="batch", mask_mode="standard"):
+               slg_layers, slg_scale, slg_start, slg_end, slg_window, seed_mode="batch", mask_mode="standard",
+               cache_threshold=0.0):
         model = require_type(model, SD35Model, "model", NODE)
         if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
             raise ValueError(f"{NODE}: the latent input is not a LATENT")
@@ -187,7 +195,8 @@ class SD35Sampler:
         hints = build_hints(specs, model, samples) if specs else []
         request = SampleRequest(steps=steps, cfg=cfg, sampler=sampler, schedule=schedule, shift=shift, seed=seed,
                                 seed_mode=seed_mode, denoise=min(denoise, 1.0), slg=slg, controls=hints,
-                                skip_uncond_at_cfg1=True, noise_mask=noise_mask, mask_mode=mask_mode)
+                                skip_uncond_at_cfg1=True, noise_mask=noise_mask, mask_mode=mask_mode,
+                                cache_threshold=cache_threshold)
         rows = 2 + (1 if slg is not None else 0)
         model.managed.load(extra=[s.controlnet.managed for s in specs],
                            memory_required=model_memory_estimate(model, samples, rows))

@@ -73,7 +73,7 @@ def generate(opts: GenerateOptions, *, log: TextIO | None = None, now: datetime.
     Progress and messages go to ``log`` (default stderr); ``quiet`` keeps only the progress bar and notes.
     ``loaded`` reuses models loaded by :func:`load_models` with the same options.
     """
-    from sd35_core.guidance import CondEntry
+    from sd35_core.guidance import CondEntry, GuidanceStats
     from sd35_core.lora import applied
     from sd35_core.pipeline import img2img, txt2img
     from sd35_core.request import SampleRequest
@@ -124,7 +124,8 @@ def generate(opts: GenerateOptions, *, log: TextIO | None = None, now: datetime.
     seeds = seeds_for(opts.seed, opts.seed_type, len(prompts))
     request = SampleRequest(steps=settings.steps, cfg=settings.cfg, sampler=settings.sampler, shift=settings.shift,
                             seed=seeds[0], denoise=opts.denoise if init is not None else 1.0, slg=settings.slg,
-                            controls=controls, noise_mask=noise_mask, mask_mode=opts.mask_mode)
+                            controls=controls, noise_mask=noise_mask, mask_mode=opts.mask_mode,
+                            cache_threshold=opts.cache_threshold or 0.0)
     os.makedirs(out_dir, exist_ok=False)
     control_file = None
     if shown is not None:
@@ -133,6 +134,7 @@ def generate(opts: GenerateOptions, *, log: TextIO | None = None, now: datetime.
     files: list[str] = []
     latents: list[torch.Tensor] = []
     steps_run = 0
+    stats = GuidanceStats()  # over all images
     seconds.setdefault("sample", 0.0)
     seconds.setdefault("decode", 0.0)
     for i, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
@@ -154,9 +156,10 @@ def generate(opts: GenerateOptions, *, log: TextIO | None = None, now: datetime.
         with applied(model.mmdit, loaded.model_loras):
             if init is None:
                 latent = txt2img(model.mmdit, positive, negative, request, width=opts.width, height=opts.height,
-                                 callback=on_step)
+                                 callback=on_step, stats=stats)
             else:
-                latent = img2img(model.mmdit, positive, negative, request, init_latent=init, callback=on_step)
+                latent = img2img(model.mmdit, positive, negative, request, init_latent=init, callback=on_step,
+                                 stats=stats)
         if i == 0 and step_ends:
             # The first step compiles (with --compile) or warms caches: reported apart from the rest.
             seconds["first_step"] = step_ends[0] - t
@@ -185,11 +188,19 @@ def generate(opts: GenerateOptions, *, log: TextIO | None = None, now: datetime.
     if opts.save_latent:
         latent_file = save_latents(opts.save_latent, all_latents)
     seconds["total"] = time.perf_counter() - t_start
+    cache = None
+    if request.cache_threshold > 0:
+        total = steps_run * len(files)
+        cache = {"threshold": request.cache_threshold, "steps": total, "steps_reused": stats.cache_hits,
+                 "model_evaluations_saved": stats.cache_hits,
+                 "evaluation_ratio": round(total / max(1, total - stats.cache_hits), 3)}
+        say(f"step cache: {stats.cache_hits} of {total} steps reused ({cache['evaluation_ratio']}x fewer model "
+            "evaluations)")
     return GenerateResult(
         out_dir=out_dir, files=files, prompts=prompts, seeds=seeds, model=opts.model, variant=model.variant,
         settings=settings_summary(settings, opts), width=opts.width, height=opts.height, device=str(device),
         seconds=seconds, steps_run=steps_run, memory=peak_memory(device), latent_file=latent_file,
-        control_image_file=control_file, latents=all_latents,
+        control_image_file=control_file, latents=all_latents, cache=cache,
     )
 
 

@@ -49,6 +49,7 @@ class GenerateResult:
     latent_file: str | None = None
     control_image_file: str | None = None
     latents: torch.Tensor | None = field(default=None, repr=False)
+    cache: dict[str, Any] | None = None  # the step cache's figures, when it was on
 
     @property
     def seconds_per_step(self) -> float:

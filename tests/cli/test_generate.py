@@ -367,3 +367,15 @@ def test_compile_gives_the_eager_latent_within_1e_4_and_reports_the_first_step(c
     assert float((compiled - eager).abs().max() / eager.abs().max()) < 1e-4
     assert summary["seconds"]["first_step"] > 0
     assert "compile: first step" in err
+
+
+def test_cache_threshold_reuses_steps_and_reports_the_evaluations_saved(capsys, gen_args):
+    summary, err = run_json(capsys, gen_args("--prompt", "a boat", "--postfix", "_k", "--steps", "12",
+                                             "--cache_threshold", "0.6"))
+    cache = summary["cache"]
+    assert cache["threshold"] == 0.6 and cache["steps"] == 12
+    assert 0 < cache["model_evaluations_saved"] == cache["steps_reused"] < 12
+    assert cache["evaluation_ratio"] == round(12 / (12 - cache["steps_reused"]), 3)
+    assert f"step cache: {cache['steps_reused']} of 12 steps reused" in err
+    plain, _ = run_json(capsys, gen_args("--prompt", "a boat", "--postfix", "_p"))
+    assert plain["cache"] is None

@@ -273,3 +273,24 @@ def test_blur_and_depth_preprocessors_and_depth_controlnet(run_node, parts):
     (out,) = run_node("SD35Sampler", model=model, positive=cpos, negative=cneg, latent=latent,
                       **sampler_inputs(steps=2))
     assert torch.isfinite(out["samples"]).all()
+
+
+def test_cache_threshold_is_an_optional_input_that_reaches_the_request(run_node, parts, caplog):
+    import logging
+
+    from comfyui_sd35.sd35_core import pipeline
+    from comfyui_sd35.sd35_core.request import SampleRequest
+
+    model, _, pos, neg = parts
+    (latent,) = run_node("SD35EmptyLatent", width=SIZE, height=SIZE, batch_size=1)
+    kw = dict(model=model, positive=pos, negative=neg, latent=latent)
+    (old_workflow,) = run_node("SD35Sampler", **kw, **sampler_inputs(steps=10))  # no cache_threshold input
+    (off,) = run_node("SD35Sampler", **kw, **sampler_inputs(steps=10), cache_threshold=0.0)
+    assert torch.equal(off["samples"], old_workflow["samples"])
+    with caplog.at_level(logging.INFO):
+        (cached,) = run_node("SD35Sampler", **kw, **sampler_inputs(steps=10), cache_threshold=0.6)
+    request = SampleRequest(steps=10, cfg=4.0, sampler="euler", shift=3.0, seed=7, skip_uncond_at_cfg1=True,
+                            cache_threshold=0.6)
+    expected = pipeline.txt2img(model.mmdit, entries(pos), entries(neg), request, width=SIZE, height=SIZE)
+    assert torch.equal(cached["samples"], expected)
+    assert any("model evaluations saved" in r.getMessage() for r in caplog.records)
