@@ -14,7 +14,8 @@ right after loading (a safetensors file in its storage dtype is mapped, not read
 touches it), ``peak_increase_mb`` the peak RSS increase through loading and the calls (``VmHWM``). Every storage
 computes in the same ``--compute`` dtype (float32 by default on the CPU, which has no fast bf16 here), so
 the differences are the storage alone: fp16/fp8 weights are cast per layer, GGUF weights dequantized per
-layer. ``rel_err_vs_fp32`` is the output's relative L2 distance to fp32 storage's output.
+layer. ``materialize_s`` times making every weight dense once (the cast or dequantization a call pays on top of
+the arithmetic), and ``rel_err_vs_fp32`` is the output's relative L2 distance to fp32 storage's output.
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ def _device_mb(device: torch.device) -> tuple[float, float] | None:
 
 def worker(spec: dict) -> dict:
     """One storage in this (fresh) process: load its file, call once, time ``repeats`` calls, track memory."""
+    from sd35_core import ops
     from sd35_core.loader import load_checkpoint
 
     if spec["threads"]:
@@ -143,6 +145,16 @@ def worker(spec: dict) -> dict:
             model(x, t, context, y)
             _sync(device)
             times.append(time.perf_counter() - t0)
+        # What storage alone costs per call: every linear/conv weight made dense in the compute dtype once.
+        layers = [m for m in model.modules() if isinstance(m, (ops.Linear, ops.Conv2d))]
+        materialize = []
+        for _ in range(spec["repeats"]):
+            _sync(device)
+            t0 = time.perf_counter()
+            for m in layers:
+                ops.materialize_weight(m, compute, device)
+            _sync(device)
+            materialize.append(time.perf_counter() - t0)
     gc.collect()
     step_rss, peak, peak_dev = _status_mb("VmRSS"), _status_mb("VmHWM"), _device_mb(device)
     from safetensors.torch import save_file
@@ -152,6 +164,7 @@ def worker(spec: dict) -> dict:
         "storage": spec["storage"],
         "step_s": statistics.median(times),
         "times_s": [round(v, 4) for v in times],
+        "materialize_s": statistics.median(materialize),
         "load_s": round(load_s, 3),
         "weights_mb": round(_weights_mb(model), 2),
         # RSS over the loaded process's baseline: after loading, after the calls, and at the peak
@@ -219,6 +232,7 @@ def main(argv=None) -> dict:
     return {
         "step_s": step,
         "step_vs_fp16": {s: round(v / base, 3) for s, v in step.items()} if base else None,
+        "materialize_s": column("materialize_s", 5),
         "resident_mb": column("resident_mb", 1),
         "resident_after_load_mb": column("resident_after_load_mb", 1),
         "weights_mb": column("weights_mb", 1),

@@ -26,8 +26,11 @@ def _shifts(values: Sequence[int], shape: tuple[int, ...], like: torch.Tensor) -
 
 
 def _nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """``[n, 16]`` packed bytes -> ``[n, 32]``: the 16 low nibbles, then the 16 high ones (ggml's order)."""
-    return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
+    """``[n, 16]`` packed bytes -> ``[n, 32]`` float32: the 16 low nibbles, then the 16 high ones (ggml's order)."""
+    out = torch.empty((qs.shape[0], 32), dtype=torch.float32, device=qs.device)
+    out[:, :16] = qs & 0x0F
+    out[:, 16:] = qs >> 4
+    return out
 
 
 def _bits32(qh: torch.Tensor) -> torch.Tensor:
@@ -35,32 +38,33 @@ def _bits32(qh: torch.Tensor) -> torch.Tensor:
     return ((qh.unsqueeze(-1) >> _shifts(range(8), (1, 1, 8), qh)) & 1).reshape(qh.shape[0], 32)
 
 
+# The 32-value formats work in place on one float32 buffer: small integers are exact in float32, so
+# ``float(q) - 8`` is ggml's ``float(q - 8)``, and ``mul_``/``add_`` are its multiply and add, in its order.
+
+
 def _q8_0(b: torch.Tensor) -> torch.Tensor:
     d = _f16(b[:, :2])
-    return b[:, 2:].view(torch.int8).to(torch.float32) * d
+    return b[:, 2:].view(torch.int8).to(torch.float32).mul_(d)
 
 
 def _q4_0(b: torch.Tensor) -> torch.Tensor:
     d = _f16(b[:, :2])
-    q = (_nibbles(b[:, 2:]).view(torch.int8) - 8).to(torch.float32)
-    return d * q
+    return _nibbles(b[:, 2:]).sub_(8).mul_(d)
 
 
 def _q4_1(b: torch.Tensor) -> torch.Tensor:
     d, m = _f16(b[:, :2]), _f16(b[:, 2:4])
-    return d * _nibbles(b[:, 4:]).to(torch.float32) + m
+    return _nibbles(b[:, 4:]).mul_(d).add_(m)
 
 
 def _q5_0(b: torch.Tensor) -> torch.Tensor:
     d = _f16(b[:, :2])
-    q = (_nibbles(b[:, 6:]) | (_bits32(b[:, 2:6]) << 4)).view(torch.int8) - 16
-    return d * q.to(torch.float32)
+    return _nibbles(b[:, 6:]).add_(_bits32(b[:, 2:6]) << 4).sub_(16).mul_(d)
 
 
 def _q5_1(b: torch.Tensor) -> torch.Tensor:
     d, m = _f16(b[:, :2]), _f16(b[:, 2:4])
-    q = _nibbles(b[:, 8:]) | (_bits32(b[:, 4:8]) << 4)
-    return d * q.to(torch.float32) + m
+    return _nibbles(b[:, 8:]).add_(_bits32(b[:, 4:8]) << 4).mul_(d).add_(m)
 
 
 def _q2_k(b: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ TINY = ["--depth", "2", "--hidden", "128", "--size", "64", "--repeats", "1", "--
 def test_measures_each_storage_from_its_own_file():
     result = bench_gguf.main([*TINY, "--storages", "fp32,fp16,Q8_0,Q4_0"])
     storages = {"fp32", "fp16", "Q8_0", "Q4_0"}
-    for key in ("step_s", "resident_mb", "weights_mb", "peak_increase_mb", "file_mb", "rel_err_vs_fp32"):
+    keys = ("step_s", "materialize_s", "resident_mb", "weights_mb", "peak_increase_mb", "file_mb", "rel_err_vs_fp32")
+    for key in keys:
         assert set(result[key]) == storages, key
     assert all(v > 0 for v in result["step_s"].values())
     assert result["step_vs_fp16"]["fp16"] == 1.0

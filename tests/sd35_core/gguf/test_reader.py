@@ -104,12 +104,12 @@ def test_content_decides_what_is_gguf(tmp_path):
         GGUFFile(other)
 
 
-@pytest.mark.parametrize("cut", [0.2, 0.999])
-def test_a_truncated_file_is_an_error_that_says_so(tmp_path, cut):
+@pytest.mark.parametrize("keep", [40, 200, 0.2, 0.999])  # bytes (inside the header) or a fraction of the file
+def test_a_truncated_file_is_an_error_that_says_so(tmp_path, keep):
     path = _write(tmp_path / "m.gguf", TENSORS)
     data = path.read_bytes()
     cut_path = tmp_path / "cut.gguf"
-    cut_path.write_bytes(data[: int(len(data) * cut)])
+    cut_path.write_bytes(data[: keep if isinstance(keep, int) else int(len(data) * keep)])
     with pytest.raises(CheckpointError, match=r"cut.gguf: file is truncated.*download it again"):
         GGUFFile(cut_path)
 
