@@ -27,9 +27,10 @@ from ..sd35_core.loader import (
     TextEncoders,
     load_checkpoint,
     load_controlnet,
-    load_text_encoder,
+    load_text_encoders,
     load_vae,
 )
+from ..sd35_core.text_roles import role_default
 from . import host
 from .objects import SD35VAE, SD35Clip, SD35ControlNet, SD35Model, require_type
 
@@ -115,6 +116,10 @@ def managed_diffusion(diffusion: DiffusionModel, device: torch.device) -> host.M
         patcher = bridge.model_patcher(diffusion.mmdit, defaults_for(diffusion.variant).shift, device,
                                        host.offload_device())
     return host.ManagedModule(diffusion.mmdit, device, patcher=patcher)
+
+
+def _with_default(default: str | None, options: dict) -> dict:
+    return options if default is None else {"default": default, **options}
 
 
 def checkpoint_names() -> list[str]:
@@ -213,13 +218,17 @@ class SD35TextEncoderLoader:
     @classmethod
     def INPUT_TYPES(cls):
         names = host.list_models("text_encoders")
+        # Each slot starts on the file named for its role (ComfyUI would otherwise pick the first name, so
+        # clip_l would start as clip_g.safetensors).
+        defaults = {role: role_default(names, role) for role in ("clip_l", "clip_g", "t5xxl")}
         return {
             "required": {
-                "clip_l_name": (names, {"tooltip": "CLIP-L text encoder (clip_l.safetensors) from the "
-                                                   "text_encoders folder."}),
-                "clip_g_name": (names, {"tooltip": "CLIP-G text encoder (clip_g.safetensors) from the "
-                                                   "text_encoders folder."}),
+                "clip_l_name": (names, _with_default(defaults["clip_l"], {
+                    "tooltip": "CLIP-L text encoder (clip_l.safetensors) from the text_encoders folder."})),
+                "clip_g_name": (names, _with_default(defaults["clip_g"], {
+                    "tooltip": "CLIP-G text encoder (clip_g.safetensors) from the text_encoders folder."})),
                 "t5xxl_name": ([NONE] + names, {
+                    "default": defaults["t5xxl"] or NONE,
                     "tooltip": "T5-XXL text encoder (t5xxl_fp16 or t5xxl_fp8_e4m3fn), or none to run without it "
                                "(less prompt adherence, much less memory)."}),
                 "device": (TEXT_DEVICES, {
@@ -258,9 +267,7 @@ class SD35TextEncoderLoader:
 
         def _load():
             # Loaded onto the offload device; encoding brings them to ``dev`` and sends them back.
-            offload = host.text_encoder_offload_device()
-            parts = {role: load_text_encoder(p, role, dtype, offload) for role, p in paths.items()}
-            text = TextEncoders(parts["clip_l"], parts["clip_g"], parts.get("t5xxl"))
+            text = load_text_encoders(paths, dtype, host.text_encoder_offload_device())
             return _make_clip(text, dev, ", ".join(os.path.basename(p) for p in paths.values()))
 
         clip = self._cache.get(key, _load)

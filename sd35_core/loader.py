@@ -23,6 +23,7 @@ from .gguf.reader import GGUFFile, is_gguf
 from .gguf.sd3 import open_sd3_gguf
 from .mmditx import MMDiTConfig, MMDiTX
 from .t5 import T5Config, T5Encoder
+from .text_roles import BUNDLED_TEXT_PREFIXES, check_role, check_text_encoder_files, identify_for_role
 from .vae import VAE, VAEConfig
 
 log = logging.getLogger(__name__)
@@ -34,11 +35,6 @@ MARKERS = {
     "clip": "text_model.final_layer_norm.weight",
     "t5": "encoder.final_layer_norm.weight",
     "controlnet": "controlnet_blocks.0.weight",
-}
-BUNDLED_TEXT_PREFIXES = {
-    "clip_l": "text_encoders.clip_l.transformer.",
-    "clip_g": "text_encoders.clip_g.transformer.",
-    "t5xxl": "text_encoders.t5xxl.transformer.",
 }
 VARIANT_LABELS = {
     "sd3_medium": "SD3 Medium",
@@ -252,9 +248,12 @@ def load_text_encoder(
     path: str | os.PathLike, role: str, dtype: str = "default", device: str | torch.device = "cpu"
 ) -> CLIPTextModel | T5Encoder:
     """Load one text encoder (``role`` is clip_l, clip_g or t5xxl) from an HF-layout or bundling file."""
+    if role not in ("clip_l", "clip_g", "t5xxl"):
+        raise ValueError(f"text encoder role: expected clip_l, clip_g or t5xxl; got {role!r}")
     file = open_safetensors(path)
     policy = DTypePolicy.named(dtype, device)
     keys = file.keys()
+    check_role(file, role, identify_for_role(file, role))
     if role == "t5xxl":
         prefix = BUNDLED_TEXT_PREFIXES[role] if BUNDLED_TEXT_PREFIXES[role] + MARKERS["t5"] in file else ""
         if prefix + MARKERS["t5"] not in file:
@@ -262,8 +261,6 @@ def load_text_encoder(
                 f"a T5 text encoder (encoder.final_layer_norm.weight); this file is {_describe_foreign(file)}"
             )
         return _load_t5(file, prefix, policy, device)
-    if role not in ("clip_l", "clip_g"):
-        raise ValueError(f"text encoder role: expected clip_l, clip_g or t5xxl; got {role!r}")
     prefix = BUNDLED_TEXT_PREFIXES[role] if BUNDLED_TEXT_PREFIXES[role] + MARKERS["clip"] in file else ""
     if prefix + MARKERS["clip"] not in file:
         found = find_prefix(keys, MARKERS["clip"])
@@ -271,6 +268,16 @@ def load_text_encoder(
             raise file.error(f"a CLIP text encoder for {role}; this file is {_describe_foreign(file)}")
         prefix = found
     return _load_clip(file, prefix, role, policy, device)
+
+
+def load_text_encoders(
+    paths: dict[str, str], dtype: str = "default", device: str | torch.device = "cpu"
+) -> TextEncoders:
+    """Load CLIP-L, CLIP-G and optionally T5 (``paths`` maps clip_l, clip_g and optionally t5xxl to files) after
+    checking from the headers that each file fits its slot and that the two CLIPs are not swapped."""
+    check_text_encoder_files(paths)
+    parts = {role: load_text_encoder(p, role, dtype, device) for role, p in paths.items()}
+    return TextEncoders(parts["clip_l"], parts["clip_g"], parts.get("t5xxl"))
 
 
 def load_controlnet(

@@ -108,6 +108,7 @@ def load_models(
     from sd35_core.loader import checkpoint_parts, load_checkpoint, load_controlnet, load_text_encoder, load_vae
     from sd35_core.lora import load_lora
     from sd35_core.text_encoder import SD3TextEncoder
+    from sd35_core.text_roles import check_text_encoder_files
     from sd35_core.tokenization import SD3Tokenizer, find_tokenizer_files
 
     _require_file("model", opts.model)
@@ -121,6 +122,9 @@ def load_models(
         raise UsageError(f"{opts.model} holds no VAE (first_stage_model.*); pass --vae FILE")
     bundled = [r for r in ("clip_l", "clip_g", "t5xxl") if r in found]
     files = text_encoder_files(opts, bundled)
+    # Each file against its slot and the two CLIPs against each other, from the headers, before loading anything.
+    check_text_encoder_files({role: opts.model if src == "bundled" else src for role, src in files.items()
+                              if src is not None})
 
     say("Loading tokenizers...")
     comfyui = opts.comfyui or os.environ.get("COMFYUI_PATH") or None

@@ -313,6 +313,8 @@ def test_help_lists_the_reference_options(capsys):
         (("--controlnet_ckpt", "{canny}"), "needs --controlnet_cond_image"),
         (("--init_image", "{tmp}/missing.png"), "no such file"),
         (("--sampler", "plms"), "--sampler plms"),
+        (("--clip_l", "{clip_g}"), "this file is CLIP-G"),
+        (("--clip_g", "{clip_l}"), "the clip_g slot needs CLIP-G (clip_g.safetensors)"),
     ],
 )
 def test_bad_input_gives_one_clear_line_and_nonzero_status(capsys, gen_args, tmp_path, tiny_models, monkeypatch,
@@ -321,7 +323,8 @@ def test_bad_input_gives_one_clear_line_and_nonzero_status(capsys, gen_args, tmp
     (tmp_path / "model.ckpt").write_bytes(b"\x80\x02pickle")
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all")
     Image.new("RGB", (64, 48)).save(tmp_path / "img.png")
-    subst = {"tmp": str(tmp_path), "canny": tiny_models.controlnets["canny"]}
+    subst = {"tmp": str(tmp_path), "canny": tiny_models.controlnets["canny"],
+             "clip_l": tiny_models.text_encoders["clip_l"], "clip_g": tiny_models.text_encoders["clip_g"]}
     args = gen_args("--prompt", "x", "--postfix", "_bad", *[c.format(**subst) for c in change])
     rc = main(args)
     err = capsys.readouterr().err

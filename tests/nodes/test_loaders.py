@@ -150,3 +150,21 @@ def test_gguf_diffusion_models_are_listed_and_load_with_their_weights_quantized(
     qkv = model.mmdit.joint_blocks[0].x_block.attn.qkv
     assert qkv.weight.dtype == torch.uint8 and qkv.weight_quant.qtype.name == "Q8_0"
     assert model.mmdit.compute_dtype == torch.float32  # default on the CPU: dequantized into fp32
+
+
+def test_text_encoder_slots_default_to_the_file_named_for_their_role(node_classes, models_env):
+    # The folder lists clip_g.safetensors first; ComfyUI would put it in every slot without a default.
+    required = node_classes["SD35TextEncoderLoader"].INPUT_TYPES()["required"]
+    assert required["clip_l_name"][0][0] == "clip_g.safetensors"
+    assert required["clip_l_name"][1]["default"] == "clip_l.safetensors"
+    assert required["clip_g_name"][1]["default"] == "clip_g.safetensors"
+    assert required["t5xxl_name"][1]["default"] == "t5xxl_fp16.safetensors"
+
+
+def test_a_text_encoder_in_the_wrong_slot_is_refused_by_the_loader_node(run_node, fresh_caches):
+    from comfyui_sd35.sd35_core.text_roles import TextEncoderRoleError
+
+    with pytest.raises(TextEncoderRoleError, match=r"clip_g\.safetensors: this file is CLIP-G .*the clip_l slot "
+                                                    r"needs CLIP-L \(clip_l\.safetensors\)"):
+        run_node("SD35TextEncoderLoader", clip_l_name="clip_g.safetensors", clip_g_name="clip_g.safetensors",
+                 t5xxl_name="t5xxl_fp16.safetensors")
