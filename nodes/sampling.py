@@ -83,6 +83,8 @@ def build_hints(specs: list[ControlSpec], model: SD35Model, latent: torch.Tensor
         spec.vae.managed.load()
         with torch.no_grad():
             cond_latent = process_in(spec.vae.vae.encode(pixels))
+        # A Cancel pressed during the encode stops here, before the (longer) sampling starts.
+        host.check_interrupt()
         hints.append(ControlHint(cn.controlnet, cond_latent, spec.strength, spec.start, spec.end))
     return hints
 

@@ -146,8 +146,11 @@ class Server:
         except urllib.error.HTTPError as e:
             raise AssertionError(f"prompt rejected: {e.read().decode(errors='replace')}") from None
 
-    def follow(self, prompt_id: str, on_progress=None) -> dict:
-        """Websocket events of one prompt until it finishes: status, progress, previews, error, interrupted."""
+    def follow(self, prompt_id: str, on_progress=None, on_executing=None) -> dict:
+        """Websocket events of one prompt until it finishes: status, progress, previews, error, interrupted.
+
+        ``on_progress(data)`` and ``on_executing(data)`` are called with each progress event and each "now
+        executing node" event of the prompt."""
         result = {"status": None, "progress": [], "previews": 0, "error": None, "interrupted": None}
         deadline = time.monotonic() + RUN_TIMEOUT
         while time.monotonic() < deadline:
@@ -170,7 +173,10 @@ class Server:
                 result["interrupted"] = data
             elif kind == "execution_success":
                 result["status"] = "success"
-            elif kind == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
+            elif kind == "executing" and data.get("node") is not None:
+                if on_executing is not None:
+                    on_executing(data)
+            elif kind == "executing" and data.get("prompt_id") == prompt_id:
                 if result["status"] is None:
                     ended = "error" if result["error"] else "interrupted" if result["interrupted"] else "done"
                     result["status"] = ended
@@ -182,6 +188,12 @@ class Server:
         result = self.follow(prompt_id, **kw)
         result["prompt_id"] = prompt_id
         return result
+
+    def client(self) -> "Client":
+        """Another API client of this server: its own client id and websocket (the caller closes it)."""
+        client = Client(self.port)
+        client.connect()
+        return client
 
     def images(self, prompt_id: str) -> list[np.ndarray]:
         """The saved images of a finished prompt, fetched through /history and /view, as uint8 arrays."""
@@ -203,6 +215,72 @@ class Server:
         if self.ws is not None:
             self.ws.close()
         stop_process(self.proc)
+
+
+class Client:
+    """One more API client: a client id, its websocket, and the prompts it queued.
+
+    ComfyUI sends a prompt's progress and execution events only to the websocket of the client that queued it;
+    :meth:`follow_all` collects them for many prompts at once, so a test can check that each of its prompts ended
+    exactly once and that no other client's prompt showed up here.
+    """
+
+    def __init__(self, port: int):
+        self.url = f"http://127.0.0.1:{port}"
+        self.port = port
+        self.client_id = uuid.uuid4().hex
+        self.ws = None
+
+    def connect(self) -> None:
+        import websocket
+
+        self.ws = websocket.create_connection(f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}",
+                                              timeout=RUN_TIMEOUT)
+
+    def queue(self, prompt: dict) -> str:
+        req = urllib.request.Request(self.url + "/prompt",
+                                     json.dumps({"prompt": prompt, "client_id": self.client_id}).encode(),
+                                     {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return json.loads(r.read())["prompt_id"]
+        except urllib.error.HTTPError as e:
+            raise AssertionError(f"prompt rejected: {e.read().decode(errors='replace')}") from None
+
+    def follow_all(self, prompt_ids: Sequence[str], timeout: float) -> dict[str, dict]:
+        """Events of every prompt this websocket hears about until all of ``prompt_ids`` have ended:
+        ``{prompt_id: {"ends": n, "success": n, "error": data, "interrupted": data}}`` (prompts not in
+        ``prompt_ids`` are recorded too, so a test can assert there are none)."""
+        seen: dict[str, dict] = {}
+        waiting = set(prompt_ids)
+        deadline = time.monotonic() + timeout
+        while waiting:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(waiting)} prompts did not end in {timeout}s")
+            msg = self.ws.recv()
+            if isinstance(msg, bytes):
+                continue  # latent previews
+            msg = json.loads(msg)
+            data = msg.get("data", {})
+            prompt_id = data.get("prompt_id")
+            if prompt_id is None:
+                continue
+            entry = seen.setdefault(prompt_id, {"ends": 0, "success": 0, "error": None, "interrupted": None})
+            kind = msg["type"]
+            if kind == "execution_success":
+                entry["success"] += 1
+            elif kind == "execution_error":
+                entry["error"] = data
+            elif kind == "execution_interrupted":
+                entry["interrupted"] = data
+            elif kind == "executing" and data.get("node") is None:
+                entry["ends"] += 1
+                waiting.discard(prompt_id)
+        return seen
+
+    def close(self) -> None:
+        if self.ws is not None:
+            self.ws.close()
 
 
 def start_server(base, models) -> Server:

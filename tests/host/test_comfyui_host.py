@@ -16,6 +16,18 @@ import pytest
 from ..nodes.conftest import load_pack
 from .comfyui_server import COMFYUI_PATH, comfyui_python
 from .conftest import GGUF_MODEL
+from .graphs import (
+    LARGE,
+    MEDIUM,
+    REQUEST_MMDIT,
+    REQUEST_TEXT,
+    TXT2IMG,
+    assert_success,
+    base_graph,
+    quick_graph,
+    sampler,
+    txt2img_graph,
+)
 
 pytestmark = pytest.mark.skipif(
     not COMFYUI_PATH, reason="COMFYUI_PATH is not set: the real-ComfyUI host tests need a ComfyUI checkout"
@@ -23,65 +35,6 @@ pytestmark = pytest.mark.skipif(
 
 # The `server` fixture (conftest.py) follows ComfyUI's progress over its websocket.
 pytest.importorskip("websocket", reason="websocket-client is needed to follow ComfyUI's progress")
-
-
-# ------------------------------------------------------------------------------------------------- graphs
-
-MEDIUM = "tiny-sd3.5_medium.safetensors"  # 10 joint blocks: the reference SLG layers 7,8,9 exist
-LARGE = "tiny-sd3.5_large.safetensors"  # 4 joint blocks: cheaper, and what the ControlNets are for
-TXT2IMG = dict(prompt="a lighthouse on a cliff at dusk", negative="blurry", width=48, height=32, steps=4, cfg=4.0,
-               sampler="dpmpp_2m", schedule="reference", shift=3.0, seed=42, slg_layers=[7, 8, 9], slg_scale=2.5,
-               slg_start=0.01, slg_end=0.6, slg_window="steps")
-
-
-# ComfyUI's model management logs this when it (re)loads a model registered by the pack.
-REQUEST_MMDIT = "Requested to load SD35MMDiTX"
-REQUEST_TEXT = "Requested to load SD35TextEncoders"
-
-
-def sampler(model, positive, negative, latent, s=TXT2IMG, **overrides):
-    inputs = dict(model=model, positive=positive, negative=negative, latent=latent, seed=s["seed"], steps=s["steps"],
-                  cfg=s["cfg"], sampler=s["sampler"], schedule=s["schedule"], shift=s["shift"], denoise=1.0,
-                  slg_layers=",".join(map(str, s["slg_layers"])), slg_scale=s["slg_scale"], slg_start=s["slg_start"],
-                  slg_end=s["slg_end"], slg_window=s["slg_window"])
-    inputs.update(overrides)
-    return {"class_type": "SD35Sampler", "inputs": inputs}
-
-
-def base_graph(ckpt=MEDIUM, prompt=TXT2IMG["prompt"], negative=TXT2IMG["negative"], prefix="sd35"):
-    """Loader, text encoders, prompts, and a decode + save of node 20's latent."""
-    return {
-        "1": {"class_type": "SD35CheckpointLoader", "inputs": {"ckpt_name": ckpt, "weight_dtype": "default"}},
-        "2": {"class_type": "SD35TextEncoderLoader",
-              "inputs": {"clip_l_name": "clip_l.safetensors", "clip_g_name": "clip_g.safetensors",
-                         "t5xxl_name": "t5xxl_fp16.safetensors", "device": "default"}},
-        "3": {"class_type": "SD35TextEncode", "inputs": {"clip": ["2", 0], "text": prompt}},
-        "4": {"class_type": "SD35TextEncode", "inputs": {"clip": ["2", 0], "text": negative}},
-        "30": {"class_type": "SD35VAEDecode", "inputs": {"samples": ["20", 0], "vae": ["1", 2]}},
-        "31": {"class_type": "SaveImage", "inputs": {"images": ["30", 0], "filename_prefix": prefix}},
-    }
-
-
-def txt2img_graph(s=TXT2IMG, prefix="txt2img", **sampler_overrides):
-    g = base_graph(prompt=s["prompt"], negative=s["negative"], prefix=prefix)
-    g["10"] = {"class_type": "SD35EmptyLatent", "inputs": {"width": s["width"], "height": s["height"],
-                                                          "batch_size": 1}}
-    g["20"] = sampler(["1", 0], ["3", 0], ["4", 0], ["10", 0], s, **sampler_overrides)
-    return g
-
-
-def quick_graph(prefix: str, seed: int, steps: int = 2):
-    """A cheap run on the 4-block model (also used to show the server still works after a failure)."""
-    g = base_graph(ckpt=LARGE, prefix=prefix)
-    g["10"] = {"class_type": "SD35EmptyLatent", "inputs": {"width": 32, "height": 32, "batch_size": 1}}
-    g["20"] = sampler(["1", 0], ["3", 0], ["4", 0], ["10", 0], seed=seed, steps=steps, sampler="euler",
-                      slg_scale=0.0)
-    return g
-
-
-def assert_success(result, server):
-    assert result["error"] is None, f"{result['error']}\nlog:\n{server.log()[-3000:]}"
-    assert result["status"] == "success", result
 
 
 # ------------------------------------------------------------------------------------------------- tests
