@@ -31,6 +31,7 @@ import torch
 from .guidance import CondEntry, GuidanceStats, Guider
 from .latent import process_in, process_out
 from .mask import NoiseMaskBlend, latent_mask
+from .numerics import check_denoised, weights_label
 from .request import MAX_SEED, SEED_MODES, SampleRequest, check_int, check_seed
 from .samplers import StepInfo, get_sampler
 
@@ -124,10 +125,16 @@ def sample(
     if torch.count_nonzero(latent) > 0:
         latent = process_in(latent)
 
+    steps = len(sigmas) - 1
+    weights = weights_label(model)
+
     def guided(x: torch.Tensor, sigma: torch.Tensor, step_index: int) -> torch.Tensor:
         if should_cancel is not None and should_cancel():
-            raise Interrupted(f"sampling cancelled at step {step_index + 1} of {len(sigmas) - 1}")
-        return guider(x, sigma, step_index)
+            raise Interrupted(f"sampling cancelled at step {step_index + 1} of {steps}")
+        denoised = guider(x, sigma, step_index)
+        # NaN weights or an fp16 overflow would otherwise run to the end and save a black image.
+        check_denoised(denoised, step_index + 1, steps, weights, model.compute_dtype)
+        return denoised
 
     # The noise mask acts around the guider, in model space, as ComfyUI's KSamplerX0Inpaint: every row the
     # guider batches (cond, uncond, the skip pass, ControlNet residuals) sees the blended latent.

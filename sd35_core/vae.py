@@ -25,6 +25,7 @@ from torch import nn
 
 from . import ops
 from .checkpoint import CheckpointError
+from .numerics import check_vae_input, check_vae_output, weights_label
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -292,7 +293,10 @@ class VAE(nn.Module):
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Raw VAE-space latent ``[B, z, h, w]`` -> pixels ``[B, 3, 8h, 8w]``, about ``[-1, 1]``, unclamped, float32."""
         self._check_latent(latent)
-        return self._each(latent, self._decode_one)
+        check_vae_input(latent)
+        pixels = self._each(latent, self._decode_one)
+        check_vae_output(pixels, weights_label(self.decoder), self.compute_dtype)
+        return pixels
 
     # -- tiles --------------------------------------------------------------------------------------
 
@@ -328,9 +332,12 @@ class VAE(nn.Module):
         :meth:`decode`). ``callback(done, total)`` is called after each tile (it may raise to interrupt).
         """
         self._check_latent(latent)
+        check_vae_input(latent)
         f = self.downscale
         self._check_tiling(tile, overlap)
-        return self._tiled(latent, self._decode_one, tile // f, overlap // f, align=1, scale=f, callback=callback)
+        pixels = self._tiled(latent, self._decode_one, tile // f, overlap // f, align=1, scale=f, callback=callback)
+        check_vae_output(pixels, weights_label(self.decoder), self.compute_dtype)
+        return pixels
 
     # -- internals ----------------------------------------------------------------------------------
 

@@ -382,3 +382,21 @@ def test_cache_threshold_reuses_steps_and_reports_the_evaluations_saved(capsys, 
     assert f"step cache: {cache['steps_reused']} of 12 steps reused" in err
     plain, _ = run_json(capsys, gen_args("--prompt", "a boat", "--postfix", "_p"))
     assert plain["cache"] is None
+
+
+def test_a_checkpoint_with_nan_weights_ends_with_one_line_naming_the_step_and_saves_nothing(capsys, gen_args,
+                                                                                          tmp_path, tiny_models):
+    from safetensors.torch import save_file
+
+    state = load_file(tiny_models.checkpoints["sd3.5_medium"])
+    state["model.diffusion_model.joint_blocks.1.x_block.mlp.fc2.weight"][0, 0] = float("nan")  # a broken merge
+    save_file(state, str(tmp_path / "damaged.safetensors"))
+    args = gen_args("--prompt", "x", "--postfix", "_nan")
+    args[args.index("--model") + 1] = str(tmp_path / "damaged.safetensors")
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "sd35 generate: error: sampling: the model's output at step 1 of 2 holds NaN" in err
+    assert "bf16 or fp32" in err
+    saved = [f for _, _, files in os.walk(tmp_path / "out") for f in files if f.endswith(".png")]
+    assert saved == []

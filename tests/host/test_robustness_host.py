@@ -204,3 +204,23 @@ def test_a_checkpoint_deleted_between_prompts_is_a_clear_error_and_the_server_ke
         assert error is not None and error["node_type"] == "SD35CheckpointLoader", result
         assert "doomed.safetensors" in error["exception_message"], error
     assert_success(server.run(quick_graph("after_doomed", seed=8)), server)
+
+
+def test_a_checkpoint_with_nan_weights_is_a_sampler_error_and_the_server_keeps_serving(server):
+    from safetensors.torch import load_file, save_file
+
+    folder = os.path.join(server.models.root, "checkpoints")
+    state = load_file(os.path.join(folder, LARGE))
+    state["model.diffusion_model.joint_blocks.1.x_block.mlp.fc2.weight"][0, 0] = float("nan")  # a broken merge
+    save_file(state, os.path.join(folder, "nan.safetensors"))
+    g = quick_graph("nan", seed=11)
+    g["1"]["inputs"]["ckpt_name"] = "nan.safetensors"
+    result = server.run(g)
+    error = result["error"]
+    assert error is not None and error["node_type"] == "SD35Sampler", result
+    assert error["exception_type"].endswith("NonFiniteError"), error
+    message = error["exception_message"]
+    assert "step 1 of 2 holds NaN" in message and "weights float32" in message and "bf16 or fp32" in message, message
+    history = server.get_json(f"/history/{result['prompt_id']}")[result["prompt_id"]]
+    assert not any(out.get("images") for out in history["outputs"].values()), "an image was saved"
+    assert_success(server.run(quick_graph("after_nan", seed=11)), server)

@@ -294,3 +294,28 @@ def test_cache_threshold_is_an_optional_input_that_reaches_the_request(run_node,
     expected = pipeline.txt2img(model.mmdit, entries(pos), entries(neg), request, width=SIZE, height=SIZE)
     assert torch.equal(cached["samples"], expected)
     assert any("model evaluations saved" in r.getMessage() for r in caplog.records)
+
+
+def _copy_with_a_nan(src: str, dst) -> str:
+    """``src`` with one value of a joint block's MLP set to NaN, as a broken merge leaves a checkpoint."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(src)
+    state["model.diffusion_model.joint_blocks.1.x_block.mlp.fc2.weight"][0, 0] = float("nan")
+    save_file(state, str(dst))
+    return str(dst)
+
+
+def test_nan_weights_are_a_sampler_error_naming_the_step(run_node, parts, tiny_models, tmp_path):
+    from comfyui_sd35.sd35_core.numerics import NonFiniteError
+
+    _, vae, pos, neg = parts
+    damaged = _copy_with_a_nan(tiny_models.checkpoints["sd3.5_large"], tmp_path / "damaged.safetensors")
+    model = run_node("SD35CheckpointLoader", ckpt_name=damaged, weight_dtype="default")[0]
+    (latent,) = run_node("SD35EmptyLatent", width=SIZE, height=SIZE, batch_size=1)
+    with pytest.raises(NonFiniteError, match=r"step 1 of 3 holds NaN .*weights float32.*bf16 or fp32"):
+        run_node("SD35Sampler", model=model, positive=pos, negative=neg, latent=latent, **sampler_inputs())
+    # A NaN latent from elsewhere (a sampler without this check) is refused by the decoder, not saved as black.
+    nan_latent = {"samples": torch.full((1, 16, 4, 4), float("nan"))}
+    with pytest.raises(NonFiniteError, match=r"VAE decode: the latent to decode holds NaN \(256 of 256 values\)"):
+        run_node("SD35VAEDecode", samples=nan_latent, vae=vae)
