@@ -219,6 +219,27 @@ def _model_label(config: MMDiTConfig) -> str:
     return _VARIANT_LABELS.get(config.variant, config.variant)
 
 
+def _check_large_structure(m: MMDiTConfig) -> None:
+    """The 8b ControlNets were trained on SD3.5 Large: qk-norm and no second image self-attention.
+
+    Widths alone can match on another model (a Medium or SD3 Medium of the same width, as small test and
+    benchmark shapes are); the structure cannot, so it is checked too.
+    """
+    if m.variant == "sd3.5_large":
+        return
+    traits = []
+    if not m.qk_norm:
+        traits.append("no qk-norm")
+    if m.x_block_self_attn_layers:
+        blocks = m.x_block_self_attn_layers
+        traits.append(f"a second self-attention in joint blocks {blocks[0]}..{blocks[-1]}")
+    raise ValueError(
+        f"this is an SD3.5 Large (8b) ControlNet, but the diffusion model is {_model_label(m)}-shaped "
+        f"({', '.join(traits)}); SD3.5 Large has qk-norm and no second self-attention. Load it with "
+        "SD3.5 Large or Large Turbo."
+    )
+
+
 def check_controlnet_fits(config: ControlNetConfig, model_config: MMDiTConfig) -> ControlPath:
     """Which forward path a ControlNet takes with a diffusion model; ``ValueError`` if it does not fit.
 
@@ -242,6 +263,7 @@ def check_controlnet_fits(config: ControlNetConfig, model_config: MMDiTConfig) -
         )
     if config.pooled_dim == m.pooled_dim and (config.pooled_dim != m.hidden_size or not config.has_x_embedder):
         path = PATH_8B
+        _check_large_structure(m)
     elif config.pooled_dim == m.hidden_size:
         path = PATH_2B
         if not config.has_x_embedder:

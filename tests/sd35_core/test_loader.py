@@ -147,6 +147,19 @@ def test_a_controlnet_for_another_width_is_refused_naming_both(tiny_models, tmp_
         loader.load_controlnet(tiny_models.controlnets["canny"], other)
 
 
+@pytest.mark.parametrize(("variant", "trait"), [("sd3.5_medium", r"a second self-attention in joint blocks 0\.\.4"),
+                                                ("sd3_medium", "no qk-norm")])
+def test_a_large_controlnet_on_a_model_of_the_same_width_but_another_structure_is_refused(tiny_models, variant,
+                                                                                          trait):
+    # The tiny Medium and SD3 Medium share the Large ControlNet's widths; only their structure tells them apart.
+    model = loader.load_checkpoint(tiny_models.checkpoints[variant]).model
+    large = loader.load_checkpoint(tiny_models.checkpoints["sd3.5_large"]).model
+    assert (model.config.hidden_size, model.config.pooled_dim) == (large.config.hidden_size, large.config.pooled_dim)
+    with pytest.raises(CheckpointError, match=rf"controlnet_depth\.safetensors: this is an SD3\.5 Large \(8b\) "
+                                              rf"ControlNet.*-shaped \({trait}\).*SD3\.5 Large or Large Turbo"):
+        loader.load_controlnet(tiny_models.controlnets["depth"], model)
+
+
 def test_a_non_controlnet_file_is_refused_as_controlnet(tiny_models):
     model = loader.load_checkpoint(tiny_models.checkpoints["sd3.5_large"]).model
     with pytest.raises(CheckpointError, match=r"expected an SD3\.5 ControlNet.*VAE"):
