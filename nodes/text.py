@@ -10,6 +10,10 @@ from .lora import lora_context
 from .objects import SD35Clip, require
 
 NODE = "SD35 Text Encode"
+TOKENIZER_HINT = (
+    f"Set {host.TOKENIZERS_ENV} to a folder holding clip/vocab.json, clip/merges.txt and t5/tokenizer.json "
+    "before starting ComfyUI (this ComfyUI's own comfy/ folder should bundle both tokenizers)."
+)
 
 
 def text_encoder(clip: SD35Clip) -> SD3TextEncoder:
@@ -19,7 +23,7 @@ def text_encoder(clip: SD35Clip) -> SD3TextEncoder:
     running ComfyUI (``comfy/sd1_tokenizer``, ``comfy/text_encoders/t5_tokenizer``).
     """
     if clip._encoder is None:
-        clip_dir, t5_json = find_tokenizer_files(host.tokenizer_path(), host.comfyui_root())
+        clip_dir, t5_json = find_tokenizer_files(host.tokenizer_path(), host.comfyui_root(), hint=TOKENIZER_HINT)
         tokenizer = SD3Tokenizer.from_files(clip_dir, t5_json)
         # Without T5 the context is only as wide as the CLIP states; the sampler zero-pads it to the
         # model's width, which is what the reference's padding to the T5 width gives.

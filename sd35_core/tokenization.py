@@ -320,9 +320,11 @@ def _comfyui_roots(comfyui_path: str | os.PathLike | None) -> list[str]:
         roots.append(os.fspath(comfyui_path))
     if os.environ.get("COMFYUI_PATH"):
         roots.append(os.environ["COMFYUI_PATH"])
-    # The pack lives at <comfyui>/custom_nodes/<pack>/ and this module in <pack>/sd35_core/.
+    # The pack lives at <comfyui>/custom_nodes/<pack>/ and this module in <pack>/sd35_core/. Anywhere else
+    # (a git checkout, a pip install) two folders up is no ComfyUI, and listing it would only mislead.
     pack_dir = os.path.dirname(_PACKAGE_DIR)
-    roots.append(os.path.dirname(os.path.dirname(pack_dir)))
+    if os.path.basename(os.path.dirname(pack_dir)).lower() == "custom_nodes":
+        roots.append(os.path.dirname(os.path.dirname(pack_dir)))
     unique: list[str] = []
     for r in roots:
         r = os.path.abspath(r)
@@ -331,8 +333,16 @@ def _comfyui_roots(comfyui_path: str | os.PathLike | None) -> list[str]:
     return unique
 
 
+TOKENIZER_HINT = (
+    "Pass the tokenizer folder explicitly, or set COMFYUI_PATH to a ComfyUI checkout (its comfy/ folder "
+    "bundles both tokenizers)."
+)
+
+
 def find_tokenizer_files(
-    explicit: str | os.PathLike | None = None, comfyui_path: str | os.PathLike | None = None
+    explicit: str | os.PathLike | None = None,
+    comfyui_path: str | os.PathLike | None = None,
+    hint: str = TOKENIZER_HINT,
 ) -> tuple[str, str]:
     """Locate ``(clip_dir, t5_tokenizer_json)``.
 
@@ -340,7 +350,9 @@ def find_tokenizer_files(
     ``sd1_tokenizer/`` and ``t5_tokenizer/``, or the files themselves), then the ComfyUI install's bundled
     tokenizers (``comfy/sd1_tokenizer`` and ``comfy/text_encoders/t5_tokenizer``) under ``comfyui_path``,
     the ``COMFYUI_PATH`` environment variable, and the ComfyUI this pack sits in
-    (``<comfyui>/custom_nodes/<pack>``). Raises :class:`FileNotFoundError` listing every place tried.
+    (``<comfyui>/custom_nodes/<pack>``, only when the pack does sit in a ``custom_nodes`` folder). Raises
+    :class:`FileNotFoundError` listing every place tried, then ``hint`` (how the caller's user points at
+    the files: the CLI names its options, ComfyUI its environment variable).
     """
     clip_candidates: list[str] = []
     t5_candidates: list[str] = []
@@ -367,8 +379,5 @@ def find_tokenizer_files(
     if t5_json is None:
         lines.append("T5 tokenizer (tokenizer.json) not found at:")
         lines += [f"  {c}" for c in t5_candidates]
-    lines.append(
-        "Pass the tokenizer folder explicitly, or set COMFYUI_PATH to a ComfyUI checkout (its comfy/ folder "
-        "bundles both tokenizers)."
-    )
+    lines.append(hint)
     raise FileNotFoundError("\n".join(lines))

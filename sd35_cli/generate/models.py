@@ -12,6 +12,12 @@ import torch
 from ..main import UsageError
 from .options import NONE_WORDS, TEXT_ENCODER_NAMES, GenerateOptions
 
+TOKENIZER_HINT = (
+    "Point at the tokenizer files with --tokenizers DIR (a folder holding clip/vocab.json, clip/merges.txt and "
+    "t5/tokenizer.json, as `sd35 demo` writes) or --comfyui PATH (a ComfyUI checkout: its comfy/ folder "
+    "bundles both tokenizers; the COMFYUI_PATH environment variable does the same)."
+)
+
 
 def pick_device(name: str | None) -> torch.device:
     """``--device``: the given one, else CUDA when available, else Apple MPS, else the CPU."""
@@ -128,7 +134,7 @@ def load_models(
 
     say("Loading tokenizers...")
     comfyui = opts.comfyui or os.environ.get("COMFYUI_PATH") or None
-    clip_dir, t5_json = find_tokenizer_files(opts.tokenizers, comfyui)
+    clip_dir, t5_json = find_tokenizer_files(opts.tokenizers, comfyui, hint=TOKENIZER_HINT)
     tokenizer = SD3Tokenizer.from_files(clip_dir, t5_json)
 
     say(f"Loading SD3 model {os.path.basename(opts.model)}...")

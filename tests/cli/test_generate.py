@@ -334,6 +334,19 @@ def test_bad_input_gives_one_clear_line_and_nonzero_status(capsys, gen_args, tmp
     assert message in err.split("sd35 generate: error:", 1)[1]
 
 
+def test_missing_tokenizers_name_the_options_that_fix_it_and_only_real_places(capsys, gen_args, tmp_path,
+                                                                              monkeypatch):
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    args = gen_args("--prompt", "x")
+    args[args.index("--tokenizers") + 1] = str(tmp_path / "mine")
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "--tokenizers DIR" in err and "--comfyui PATH" in err
+    listed = [line.strip() for line in err.splitlines() if line.startswith("  ")]
+    # Only the --tokenizers folder was searched (no --comfyui, no COMFYUI_PATH, the pack is no custom node).
+    assert listed and all(place.startswith(str(tmp_path / "mine")) for place in listed), listed
+
+
 def test_existing_output_folder_is_refused(capsys, gen_args, tmp_path, tiny_models):
     folder = reference_folder(str(tmp_path / "out"), tiny_models.checkpoints["sd3.5_medium"], "same", "_same")
     os.makedirs(folder)

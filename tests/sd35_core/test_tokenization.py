@@ -249,10 +249,21 @@ def test_missing_tokenizer_files_raise_an_error_listing_where_it_looked(tmp_path
         tmp_path / "mine" / "t5" / "tokenizer.json",
         tmp_path / "ComfyUI" / "comfy" / "sd1_tokenizer",
         tmp_path / "ComfyUI" / "comfy" / "text_encoders" / "t5_tokenizer" / "tokenizer.json",
-        tmp_path / "a" / "comfy" / "sd1_tokenizer",  # two folders above the pack
     ):
         assert str(place) in message
+    # The pack is not in a custom_nodes folder, so two folders above it is no ComfyUI: not searched, not listed.
+    assert str(tmp_path / "a" / "comfy") not in message
     assert "COMFYUI_PATH" in message
+    with pytest.raises(FileNotFoundError, match="use --tokenizers") as info:
+        find_tokenizer_files(tmp_path / "mine", hint="use --tokenizers")
+
+
+def test_the_comfyui_around_the_pack_is_searched_only_when_the_pack_is_in_custom_nodes(tmp_path, monkeypatch):
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    monkeypatch.setattr(tokenization, "_PACKAGE_DIR", str(tmp_path / "ComfyUI" / "custom_nodes" / "pack" / "sd35_core"))
+    with pytest.raises(FileNotFoundError) as info:
+        find_tokenizer_files()
+    assert str(tmp_path / "ComfyUI" / "comfy" / "sd1_tokenizer") in str(info.value)
 
 
 def test_from_files_names_a_missing_file(tmp_path, tokenizer_dirs):
