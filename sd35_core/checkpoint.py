@@ -36,6 +36,24 @@ FILE_DTYPES = {
 READ_CHUNK_BYTES = 8 * 2**20
 
 
+def write_safetensors(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> str:
+    """Write ``tensors`` as a ``.safetensors`` file created with the user's umask; returns the path.
+
+    ``safetensors.torch.save_file`` creates its file with mode 0600 whatever the umask, so files a user
+    writes to share (a model set, a saved latent) would be unreadable to the group and others. The bytes
+    are serialised in memory and written through ``open``, which honours the umask like every other tool.
+    """
+    from safetensors.torch import save
+
+    data = save(dict(tensors), metadata=dict(metadata) if metadata else None)
+    path = os.fspath(path)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
 class CheckpointError(ValueError):
     """A file is not the checkpoint that was expected; the message names the file and what was expected."""
 

@@ -12,8 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
+
+from .checkpoint import write_safetensors
 
 
 def randomize_(module: nn.Module, seed: int, std: float = 0.02) -> nn.Module:
@@ -57,7 +58,7 @@ def save_state(
             out[prefix + k] = t.contiguous()
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    save_file(out, path, metadata=dict(metadata or {}))
+    write_safetensors(path, out, metadata)
     return path
 
 
@@ -275,7 +276,7 @@ def write_lora(path: str | os.PathLike, variant: str = "sd3.5_large", *, seed: i
         tensors |= kohya_lora_tensors(tiny_t5(seed + 4), "lora_te3_", rank, gen, lambda k: ".SelfAttention." in k)
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    save_file(tensors, path, metadata={"ss_network_module": "networks.lora"})
+    write_safetensors(path, tensors, {"ss_network_module": "networks.lora"})
     return path
 
 

@@ -69,8 +69,8 @@ class GenerateResult:
 
 def save_latents(path: str, latents: torch.Tensor) -> str:
     """``--save_latent``: the latents as .safetensors under the key ``latent`` (folders made); returns ``path``."""
-    from safetensors.torch import save_file
+    from sd35_core.checkpoint import write_safetensors
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file({"latent": latents.contiguous()}, path)
+    write_safetensors(path, {"latent": latents.contiguous()})
     return path

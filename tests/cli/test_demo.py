@@ -48,3 +48,17 @@ def test_demo_writes_models_and_three_valid_pngs(capsys, tmp_path, monkeypatch):
     for f in pngs[:3]:
         assert f in report
 
+
+
+def test_demo_files_follow_the_users_umask(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    previous = os.umask(0o022)
+    try:
+        assert main(["demo", "--out", str(tmp_path / "demo"), "--size", "32", "--steps", "1"]) == 0
+    finally:
+        os.umask(previous)
+    capsys.readouterr()
+    modes = {os.path.relpath(os.path.join(d, f), tmp_path): os.stat(os.path.join(d, f)).st_mode & 0o777
+             for d, _, files in os.walk(tmp_path / "demo") for f in files}
+    assert any(p.endswith(".safetensors") for p in modes)
+    assert {p: m for p, m in modes.items() if m != 0o644} == {}

@@ -1,5 +1,7 @@
 """Checkpoint files: validation of what is on disk, and loading tensors into modules by dtype policy."""
 
+import os
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -164,3 +166,17 @@ def test_unknown_dtype_names_are_a_clear_error():
 def test_default_dtype_is_fp32_on_cpu_and_bf16_elsewhere():
     assert DTypePolicy.named("default", "cpu").compute == torch.float32
     assert DTypePolicy.named("default", "cuda").compute == torch.bfloat16
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_safetensors_files_follow_the_umask_and_read_back(tmp_path, umask):
+    from sd35_core.checkpoint import write_safetensors
+
+    previous = os.umask(umask)
+    try:
+        path = write_safetensors(tmp_path / "x.safetensors", {"a": torch.arange(6.0).reshape(2, 3)}, {"k": "v"})
+    finally:
+        os.umask(previous)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+    f = open_safetensors(path)
+    assert torch.equal(f.tensor("a"), torch.arange(6.0).reshape(2, 3))
