@@ -28,11 +28,14 @@ class UsageError(Exception):
 SUBCOMMANDS: dict[str, tuple[str | None, str]] = {
     "generate": ("generate", "text-to-image / image-to-image / ControlNet, a drop-in for the reference's sd3_infer.py"),
     "demo": ("demo", "run text-to-image, ControlNet and image-to-image on tiny random models (no downloads)"),
-    "bench": (None, "time a plain CFG step, a naive SLG step and the shared-prefix SLG step (JSON on stdout)"),
+    "bench": (None, "time a plain CFG step, a naive SLG step and the shared-prefix SLG step (JSON on stdout); "
+                    "--vs-comfyui: one CFG step of ours against ComfyUI's native SD3 on the same file"),
     "batch": ("batch", "queue a prompts file through one or more ComfyUI servers and bring every image home"),
 }
 
 BENCH_SCRIPT = os.path.join("bench", "bench_slg.py")
+VS_COMFYUI_SCRIPT = os.path.join("bench", "bench_vs_comfyui.py")
+VS_COMFYUI_FLAG = "--vs-comfyui"
 
 
 def _bench_add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,31 +43,36 @@ def _bench_add_arguments(parser: argparse.ArgumentParser) -> None:
         "bench_args",
         nargs=argparse.REMAINDER,
         help="options passed to bench/bench_slg.py (--depth --hidden --size --repeats --device --dtype --layers "
-        "--threads; `sd35 bench -- --help` lists them)",
+        "--threads; `sd35 bench -- --help` lists them); with --vs-comfyui, to bench/bench_vs_comfyui.py "
+        "(--slg --compile --hidden --size --repeats --calls --device --dtype; needs COMFYUI_PATH for ComfyUI's side)",
     )
 
 
-def _find_bench_script() -> str:
+def _find_bench_script(script: str = BENCH_SCRIPT) -> str:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.path.join(root, BENCH_SCRIPT)
+    path = os.path.join(root, script)
     if not os.path.isfile(path):
         raise UsageError(
-            f"sd35 bench runs {BENCH_SCRIPT} from the repository checkout; it was not found at {path} "
+            f"sd35 bench runs {script} from the repository checkout; it was not found at {path} "
             "(install from a git checkout, e.g. `pip install -e .`)"
         )
     return path
 
 
 def _bench_run(args: argparse.Namespace) -> int:
-    path = _find_bench_script()
-    spec = importlib.util.spec_from_file_location("sd35_bench_slg", path)
+    passthrough = list(args.bench_args)
+    if passthrough[:1] == ["--"]:
+        passthrough = passthrough[1:]
+    script = BENCH_SCRIPT
+    if VS_COMFYUI_FLAG in passthrough:
+        passthrough.remove(VS_COMFYUI_FLAG)
+        script = VS_COMFYUI_SCRIPT
+    path = _find_bench_script(script)
+    spec = importlib.util.spec_from_file_location("sd35_bench_" + os.path.splitext(os.path.basename(path))[0], path)
     if spec is None or spec.loader is None:  # pragma: no cover - a .py file always has a loader
         raise UsageError(f"cannot load {path}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    passthrough = list(args.bench_args)
-    if passthrough[:1] == ["--"]:
-        passthrough = passthrough[1:]
     result = module.main(passthrough)
     if isinstance(result, dict):  # the script's main returns its JSON object; its __main__ prints it
         print(json.dumps(result))

@@ -413,3 +413,15 @@ def test_a_checkpoint_with_nan_weights_ends_with_one_line_naming_the_step_and_sa
     assert "bf16 or fp32" in err
     saved = [f for _, _, files in os.walk(tmp_path / "out") for f in files if f.endswith(".png")]
     assert saved == []
+
+
+def test_bench_vs_comfyui_runs_the_side_by_side_script(capsys, monkeypatch):
+    # Without COMFYUI_PATH the script times our side only and says so; the keys are those of the full run.
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    assert main(["bench", "--vs-comfyui", "--hidden", "128", "--size", "32", "--repeats", "1", "--calls", "1",
+                 "--python", sys.executable]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert result["step_s_ours"] > 0 and result["shape"]["depth"] == 2 and result["dtype"] == "float32"
+    assert result["options"]["compile"] is False and "step_s_comfyui" not in result
+    assert "COMFYUI_PATH is not set" in err
