@@ -3,7 +3,8 @@
 Each subcommand lives in a module (or package) of ``sd35_cli`` that provides ``HELP`` (one line),
 ``DESCRIPTION``, ``add_arguments(parser)`` and ``run(args) -> int``. :data:`SUBCOMMANDS` lists them with
 their one-line help, so ``sd35 --help`` imports none of them and running one imports only that one
-(``batch`` needs no torch; ``generate`` does). Adding a subcommand is one module and one entry there.
+(``batch`` needs torch only for its ``--engine ray`` options, ``generate`` for its run). Adding a subcommand
+is one module and one entry there.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ SUBCOMMANDS: dict[str, tuple[str | None, str]] = {
     "demo": ("demo", "run text-to-image, ControlNet and image-to-image on tiny random models (no downloads)"),
     "bench": (None, "time a plain CFG step, a naive SLG step and the shared-prefix SLG step (JSON on stdout); "
                     "--vs-comfyui: one CFG step of ours against ComfyUI's native SD3 on the same file"),
-    "batch": ("batch", "queue a prompts file through one or more ComfyUI servers and bring every image home"),
+    "batch": ("batch", "render a prompts file through ComfyUI servers, or on Ray, and bring every image home"),
 }
 
 BENCH_SCRIPT = os.path.join("bench", "bench_slg.py")

@@ -18,9 +18,19 @@ from .runner import BatchRun, prepare_jobs
 from .workflow import describe_targets, is_link, load_workflow, resolve_targets, to_api, validate
 
 PROG = "sd35 batch"
+ENGINES = ("comfyui", "ray")
+# sd35 generate's options that --engine ray takes, with generate's names and parsing. Not: --prompt, --seed and
+# --verbose (the batch's own), --out_dir/--postfix/--seed_type/--save_latent/--json (the batch decides those).
+RAY_GENERATE_OPTIONS = (
+    "model", "model_folder", "vae", "clip_l", "clip_g", "t5xxl", "tokenizers", "comfyui", "controlnet_ckpt",
+    "controlnet_cond_image", "controlnet_strength", "controlnet_preprocess", "init_image", "denoise", "dtype",
+    "device", "text_encoder_device", "lora", "negative_prompt", "sampler", "steps", "cfg", "shift", "width",
+    "height", "skip_layer_cfg", "slg_layers", "slg_scale", "slg_start", "slg_end", "slg_window", "mask",
+    "grow_mask", "mask_mode", "cache_threshold", "compile",
+)
 log = logging.getLogger("sd35_cli.batch")
 
-HELP = "queue a prompts file through one or more ComfyUI servers and bring every image home"
+HELP = "render a prompts file through ComfyUI servers, or on Ray, and bring every image home"
 DESCRIPTION = """\
 Queue a list of prompts through ComfyUI's HTTP API, on one or several servers, and write every image
 to --out with a stable name, <row>_<seed>_<node>_<index>.png, plus manifest.jsonl (one line per image:
@@ -48,17 +58,30 @@ cleanly and removes this run's prompts from the servers' queues. A server that s
 images re-queued on the others. Exit status: 0 all done, 1 some images failed (see the manifest),
 130 interrupted.
 
+--engine ray: no ComfyUI and no workflow. The models are given as to sd35 generate (--model,
+--model_folder, --clip_l/--clip_g/--t5xxl, --controlnet_ckpt, --lora, --dtype, --device, and --steps, --cfg,
+--sampler, --shift, --width, --height, SLG options as defaults for the rows); each Ray worker loads them once
+and renders rows with sd35_core, the same image sd35 generate makes with those options and the row's seed.
+Images are named <row>_<seed>_sd35_0.png. Ray starts locally for the run, or joins --address / $RAY_ADDRESS
+(a cluster started with `ray start --head`). A worker that dies is replaced and its row redone once.
+Needs the ray extra: pip install "comfyui-sd35[ray]".
+
 examples:
   sd35 batch -w workflows/api/sd3.5_large_txt2img.json -p prompts.txt -o out/
   sd35 batch -w my_workflow.json -p prompts.csv -n 4 --seed 100 -s gpu1:8188 -s gpu2:8188 -o out/
   sd35 batch -w wf.json -p rows.jsonl --map style="Style Prompt.text" -o out/
+  sd35 batch --engine ray -p prompts.csv -o out/ --model models/sd3.5_medium.safetensors --model_folder models
 """
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the batch options on ``parser`` (a subcommand parser of ``sd35``, or a standalone one)."""
-    parser.add_argument("--workflow", "-w", required=True, metavar="JSON",
-                        help="workflow file, API format (workflows/api/*.json) or as saved by the editor")
+    parser.add_argument("--engine", choices=ENGINES, default="comfyui",
+                        help="comfyui: queue a workflow on ComfyUI servers (the default); ray: run sd35_core itself "
+                             "in a pool of Ray workers, with sd35 generate's model options instead of a workflow")
+    parser.add_argument("--workflow", "-w", metavar="JSON",
+                        help="workflow file, API format (workflows/api/*.json) or as saved by the editor "
+                             "(needed by --engine comfyui)")
     parser.add_argument("--prompts", "-p", required=True, metavar="FILE",
                         help="prompts file (.txt, .csv, .tsv, .jsonl)")
     parser.add_argument("--format", choices=FORMATS, help="read the prompts file as this format whatever its name")
@@ -87,6 +110,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="check everything, print where each column goes and the first prompt, queue nothing")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress, only problems and the summary")
     parser.add_argument("--verbose", "-v", action="store_true", help="log details; show tracebacks")
+    ray = parser.add_argument_group("--engine ray: where and how many workers")
+    ray.add_argument("--address", metavar="ADDR",
+                     help="the Ray cluster to join (auto, HOST:6379, ray://HOST:10001; default $RAY_ADDRESS, else a "
+                          "local Ray started for the run with this machine's CPUs and GPUs)")
+    ray.add_argument("--workers", type=int, metavar="N",
+                     help="workers, each loading the models once (default: one per GPU, or one on CPUs only)")
+    ray.add_argument("--gpus-per-worker", type=float, metavar="F",
+                     help="GPUs each worker takes, e.g. 0.5 to put two on a GPU (default: 1 if there are GPUs)")
+    ray.add_argument("--cpus-per-worker", type=float, metavar="F",
+                     help="CPUs each worker takes (default: 1 with GPUs, else the CPUs split between the workers)")
+    from ..generate.options import add_arguments as add_generate_arguments
+
+    add_generate_arguments(parser, only=RAY_GENERATE_OPTIONS,
+                           title="--engine ray: models and settings, as sd35 generate takes them (rows override "
+                                 "prompt, negative, seed, steps, cfg, width, height, denoise, init_image, "
+                                 "control_image, mask_image)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,11 +154,31 @@ def _seed_default(api, targets) -> int | None:
     return None
 
 
+def _given(args: argparse.Namespace, names) -> list[str]:
+    return [n for n in names if getattr(args, n, None) is not None]
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.seeds_per_prompt < 1:
         raise BatchError(f"--seeds-per-prompt: expected 1 or more, got {args.seeds_per_prompt}")
     if args.max_queue < 1:
         raise BatchError(f"--max-queue: expected 1 or more, got {args.max_queue}")
+    engine = getattr(args, "engine", "comfyui")
+    if engine == "ray":
+        if args.workflow is not None or args.server:
+            raise BatchError("--engine ray runs sd35_core itself: it takes --model and the other options of "
+                             "sd35 generate, not --workflow or --server")
+        rows = read_prompts(args.prompts, args.format)
+        from .ray_engine.run import run_ray
+
+        return run_ray(args, rows)
+    ray_only = _given(args, RAY_GENERATE_OPTIONS + ("address", "workers", "gpus_per_worker", "cpus_per_worker"))
+    if ray_only:
+        raise BatchError(f"--{ray_only[0].replace('_', '-')} is an option of --engine ray; --engine comfyui takes "
+                         "the models and settings from the workflow")
+    if args.workflow is None:
+        raise BatchError("--workflow is needed (the ComfyUI workflow to queue per row), or use --engine ray "
+                         "with --model")
     rows = read_prompts(args.prompts, args.format)
     data = load_workflow(args.workflow)
 

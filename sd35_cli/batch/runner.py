@@ -356,7 +356,7 @@ class BatchRun:
                     data = s.client.view(ref)
                     ext = os.path.splitext(ref.get("filename", ""))[1] or ".png"
                     name = f"{flight.job.job.stem}_{nid}_{i}{ext}"
-                    _write_atomic(os.path.join(self.out_dir, name), data)
+                    write_atomic(os.path.join(self.out_dir, name), data)
                     files.append(name)
             except ServerUnreachable as e:
                 self._failed(flight.server, e)
@@ -466,7 +466,7 @@ def _execution_seconds(entry: Mapping[str, Any]) -> float | None:
     return max(0.0, (end - start) / 1000.0)
 
 
-def _write_atomic(path: str, data: bytes) -> None:
+def write_atomic(path: str, data: bytes) -> None:
     """Write through a temporary name, so a file under the final name is always whole."""
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.part")
     try:

@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import TextIO
 
 import torch
+from PIL import Image
 
 from ..main import UsageError
 from .images import control_type_of, decode_image, encode_inputs, load_noise_mask
@@ -66,6 +67,75 @@ def _loaded_settings(opts: GenerateOptions, loaded: LoadedModels, say: Callable[
     return settings
 
 
+def encode_prompt(loaded: LoadedModels, text: str):
+    """The conditioning (``CondEntry``) of one prompt, with the run's ``--lora`` merged into the text encoders."""
+    from sd35_core.guidance import CondEntry
+    from sd35_core.lora import applied
+
+    with applied(loaded.text_modules, loaded.text_loras):  # --lora: merged for the call, undone after it
+        context, pooled = loaded.text.encode(text)
+    return CondEntry(context, pooled)
+
+
+def noise_mask_of(opts: GenerateOptions, say: Callable[[str], None]) -> torch.Tensor | None:
+    """``--mask`` as the sampler's noise mask at the image size (grown by ``--grow_mask``), or ``None``."""
+    if not opts.mask:
+        return None
+    noise_mask = load_noise_mask(opts.mask, opts.width, opts.height, opts.grow_mask)
+    if not noise_mask.any():
+        say(f"note: --mask {opts.mask} is black (nothing to repaint): the result is the init image")
+    return noise_mask
+
+
+def build_request(opts: GenerateOptions, settings: Settings, init: torch.Tensor | None, controls: list,
+                  noise_mask: torch.Tensor | None, seed: int):
+    """The ``SampleRequest`` of one image: the resolved settings, ``--denoise`` when starting from an image."""
+    from sd35_core.request import SampleRequest
+
+    return SampleRequest(steps=settings.steps, cfg=settings.cfg, sampler=settings.sampler, shift=settings.shift,
+                         seed=seed, denoise=opts.denoise if init is not None else 1.0, slg=settings.slg,
+                         controls=controls, noise_mask=noise_mask, mask_mode=opts.mask_mode,
+                         cache_threshold=opts.cache_threshold or 0.0)
+
+
+def sample_latent(loaded: LoadedModels, opts: GenerateOptions, request, positive, negative,
+                  init: torch.Tensor | None, callback: Callable | None = None, stats=None) -> torch.Tensor:
+    """Sample one image's latent (raw VAE space, CPU float32): text-to-image, or image-to-image from ``init``."""
+    from sd35_core.lora import applied
+    from sd35_core.pipeline import img2img, txt2img
+
+    model = loaded.model
+    with applied(model.mmdit, loaded.model_loras):
+        if init is None:
+            latent = txt2img(model.mmdit, positive, negative, request, width=opts.width, height=opts.height,
+                             callback=callback, stats=stats)
+        else:
+            latent = img2img(model.mmdit, positive, negative, request, init_latent=init, callback=callback,
+                             stats=stats)
+    if latent.device.type == "cuda":
+        torch.cuda.synchronize(latent.device)
+    return latent.float().cpu()
+
+
+def render_image(loaded: LoadedModels, opts: GenerateOptions, seed: int,
+                 say: Callable[[str], None] = lambda s: None) -> tuple[torch.Tensor, Image.Image]:
+    """One image of ``opts.prompt`` (the text itself) with ``seed`` on models loaded with the same model options:
+    ``(latent, image)``, the same numbers as :func:`generate` makes for that prompt and seed.
+
+    ``sd35 batch --engine ray`` renders each row with it; the row's settings are ``opts``' fields.
+    """
+    validate_options(opts)
+    loaded.model.config.check_image_size(opts.width, opts.height)
+    noise_mask = noise_mask_of(opts, say)
+    settings = _loaded_settings(opts, loaded, say)
+    init, controls, _shown = encode_inputs(loaded, opts, say)
+    negative = encode_prompt(loaded, opts.negative_prompt)
+    positive = encode_prompt(loaded, opts.prompt)
+    request = build_request(opts, settings, init, controls, noise_mask, seed)
+    latent = sample_latent(loaded, opts, request, positive, negative, init)
+    return latent, decode_image(loaded.vae, latent)
+
+
 def generate(opts: GenerateOptions, *, log: TextIO | None = None, now: datetime.datetime | None = None,
              loaded: LoadedModels | None = None, quiet: bool = False) -> GenerateResult:
     """Run ``sd35 generate`` with ``opts``: load, encode, sample, decode and save; returns what was done.
@@ -73,10 +143,7 @@ def generate(opts: GenerateOptions, *, log: TextIO | None = None, now: datetime.
     Progress and messages go to ``log`` (default stderr); ``quiet`` keeps only the progress bar and notes.
     ``loaded`` reuses models loaded by :func:`load_models` with the same options.
     """
-    from sd35_core.guidance import CondEntry, GuidanceStats
-    from sd35_core.lora import applied
-    from sd35_core.pipeline import img2img, txt2img
-    from sd35_core.request import SampleRequest
+    from sd35_core.guidance import GuidanceStats
 
     log = log if log is not None else sys.stderr
     t_start = time.perf_counter()
@@ -87,11 +154,7 @@ def generate(opts: GenerateOptions, *, log: TextIO | None = None, now: datetime.
 
     validate_options(opts)
     prompts = read_prompts(opts.prompt)
-    noise_mask = None
-    if opts.mask:
-        noise_mask = load_noise_mask(opts.mask, opts.width, opts.height, opts.grow_mask)
-        if not noise_mask.any():
-            say(f"note: --mask {opts.mask} is black (nothing to repaint): the result is the init image")
+    noise_mask = noise_mask_of(opts, say)
     device = pick_device(opts.device)
     seconds: dict[str, float] = {}
 
@@ -116,16 +179,11 @@ def generate(opts: GenerateOptions, *, log: TextIO | None = None, now: datetime.
     seconds["encode_images"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    with applied(loaded.text_modules, loaded.text_loras):  # --lora: merged for the call, undone after it
-        neg_context, neg_pooled = loaded.text.encode(opts.negative_prompt)
-    negative = CondEntry(neg_context, neg_pooled)
+    negative = encode_prompt(loaded, opts.negative_prompt)
     seconds["encode_text"] = time.perf_counter() - t
 
     seeds = seeds_for(opts.seed, opts.seed_type, len(prompts))
-    request = SampleRequest(steps=settings.steps, cfg=settings.cfg, sampler=settings.sampler, shift=settings.shift,
-                            seed=seeds[0], denoise=opts.denoise if init is not None else 1.0, slg=settings.slg,
-                            controls=controls, noise_mask=noise_mask, mask_mode=opts.mask_mode,
-                            cache_threshold=opts.cache_threshold or 0.0)
+    request = build_request(opts, settings, init, controls, noise_mask, seeds[0])
     os.makedirs(out_dir, exist_ok=False)
     control_file = None
     if shown is not None:
@@ -139,10 +197,8 @@ def generate(opts: GenerateOptions, *, log: TextIO | None = None, now: datetime.
     seconds.setdefault("decode", 0.0)
     for i, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
         t = time.perf_counter()
-        with applied(loaded.text_modules, loaded.text_loras):
-            context, pooled = loaded.text.encode(prompt)
+        positive = encode_prompt(loaded, prompt)
         seconds["encode_text"] += time.perf_counter() - t
-        positive = CondEntry(context, pooled)
         run_steps = settings.steps - (0 if init is None else int(settings.steps * (1 - opts.denoise)))
         bar = ProgressBar(run_steps, label=f"image {i + 1}/{len(prompts)} seed {seed}", stream=log)
         request = replace(request, seed=seed)
@@ -153,13 +209,7 @@ def generate(opts: GenerateOptions, *, log: TextIO | None = None, now: datetime.
             bar.step_callback(info)
 
         t = time.perf_counter()
-        with applied(model.mmdit, loaded.model_loras):
-            if init is None:
-                latent = txt2img(model.mmdit, positive, negative, request, width=opts.width, height=opts.height,
-                                 callback=on_step, stats=stats)
-            else:
-                latent = img2img(model.mmdit, positive, negative, request, init_latent=init, callback=on_step,
-                                 stats=stats)
+        latent = sample_latent(loaded, opts, request, positive, negative, init, on_step, stats)
         if i == 0 and step_ends:
             # The first step compiles (with --compile) or warms caches: reported apart from the rest.
             seconds["first_step"] = step_ends[0] - t
@@ -167,12 +217,9 @@ def generate(opts: GenerateOptions, *, log: TextIO | None = None, now: datetime.
                 later = (step_ends[-1] - step_ends[0]) / (len(step_ends) - 1)
                 say(f"compile: first step {seconds['first_step']:.2f} s (warm-up, compiling), "
                     f"later steps {later:.3f} s each")
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
         seconds["sample"] += time.perf_counter() - t
         bar.close()
         steps_run = run_steps
-        latent = latent.float().cpu()
         latents.append(latent)
         t = time.perf_counter()
         image = decode_image(loaded.vae, latent)

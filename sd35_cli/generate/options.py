@@ -12,6 +12,7 @@ import argparse
 import math
 import os
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from sd35_core.mask import MASK_MODES
@@ -177,9 +178,41 @@ def _flag(parser, name: str, help: str) -> argparse.Action:
     return _opt(parser, name, nargs="?", const=True, type=parse_bool, metavar="BOOL", help=help)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the ``generate`` options on ``parser``."""
-    ref = parser.add_argument_group("options of the reference's sd3_infer.py")
+class _Only:
+    """An argument container that registers only the options named in ``names`` (by ``dest``)."""
+
+    def __init__(self, container, names: Collection[str]):
+        self.container, self.names = container, frozenset(names)
+
+    def add_argument(self, *flags, **kw):
+        if kw.get("dest") in self.names:
+            return self.container.add_argument(*flags, **kw)
+        return None
+
+
+def add_arguments(parser: argparse.ArgumentParser, only: Collection[str] | None = None,
+                  title: str | None = None) -> None:
+    """Register the ``generate`` options on ``parser``.
+
+    ``only``: just these options (by name, e.g. ``"model"``, ``"steps"``), in one group called ``title``;
+    ``sd35 batch --engine ray`` takes the model and sampling options this way, with the same names and parsing.
+    """
+    if only is not None:
+        group = _Only(parser.add_argument_group(title), only)
+        unknown = set(only) - set(GenerateOptions.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"only: not options of sd35 generate: {sorted(unknown)}")
+        _add_options(group, group)
+        return
+    _add_options(parser.add_argument_group("options of the reference's sd3_infer.py"),
+                 parser.add_argument_group("beyond the reference"))
+    parser.add_argument("positional", nargs="*", metavar="ARG",
+                        help="python-fire style positional values, in the reference's parameter order "
+                             "(prompt, model, out_dir, ...)")
+    parser.set_defaults(_types={a.dest: a.type for a in parser._actions if a.dest in REFERENCE_ORDER})
+
+
+def _add_options(ref, ext) -> None:
     _opt(ref, "prompt", metavar="TEXT|FILE.txt",
          help=f"prompt, or a .txt file with one prompt per line (default: {REF_PROMPT!r})")
     _opt(ref, "model", type=parse_optional_str, metavar="FILE",
@@ -221,7 +254,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          help="device for the text encoders (default: cpu, where they run in fp32 as in the reference; "
               "bf16 on GPUs)")
 
-    ext = parser.add_argument_group("beyond the reference")
     _opt(ext, "negative_prompt", metavar="TEXT", help="negative prompt (default: empty, as the reference)")
     _opt(ext, "slg_layers", type=parse_layers, metavar="7,8,9", help="skip-layer guidance: blocks to skip")
     _opt(ext, "slg_scale", type=parse_float, metavar="S", help="skip-layer guidance scale (0 turns SLG off)")
@@ -268,10 +300,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "is reported separately; falls back to eager with a warning where compiling is unavailable)")
     _flag(ext, "json", "print a JSON summary on stdout (files, seeds, seconds per step, peak memory); "
                        "all other output goes to stderr")
-    parser.add_argument("positional", nargs="*", metavar="ARG",
-                        help="python-fire style positional values, in the reference's parameter order "
-                             "(prompt, model, out_dir, ...)")
-    parser.set_defaults(_types={a.dest: a.type for a in parser._actions if a.dest in REFERENCE_ORDER})
 
 
 # --------------------------------------------------------------------------------------------------
