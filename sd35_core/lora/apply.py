@@ -25,7 +25,7 @@ from torch import nn
 from .. import ops
 from .formats import Target
 from .loading import LoraPatches
-from .patches import Patch
+from .patches import LowRank, Patch, swap_halves
 
 MERGEABLE = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 Entry = tuple[Target, Patch, float]
@@ -51,17 +51,48 @@ def patched_weight(weight: torch.Tensor, entries: Sequence[Entry]) -> torch.Tens
     return w
 
 
-class WeightPatch:
-    """A layer's ``weight_patch`` hook: adds the entries to the weight materialised in the compute dtype."""
+def _low_rank_factors(entries: Sequence[Entry], device, dtype):
+    """``[(rows, up * strength * scale, down)]`` in ``dtype`` when every entry is a plain low-rank update of a
+    matrix (no DoRA, no Tucker core), else ``None``."""
+    out = []
+    for target, patch, strength in entries:
+        if not isinstance(patch, LowRank) or patch.mid is not None or patch.dora is not None:
+            return None
+        up = patch.up.flatten(1).to(device=device, dtype=torch.float32) * (patch.scale * strength)
+        if target.swap_halves:
+            up = swap_halves(up)
+        out.append((target.rows, up.to(dtype), patch.down.flatten(1).to(device=device, dtype=dtype)))
+    return out
 
-    def __init__(self, entries: Sequence[Entry], previous=None):
+
+class WeightPatch:
+    """A layer's ``weight_patch`` hook: adds the entries to the weight materialised in the compute dtype.
+
+    Plain low-rank updates are added with one ``addmm`` per entry in the compute dtype (factors converted
+    once per dtype and device); DoRA and the other kinds go through the float32 path of the merge.
+    """
+
+    def __init__(self, entries: Sequence[Entry], stored: torch.Tensor, previous=None):
         self.entries = list(entries)
+        self.stored = stored
         self.previous = previous
+        self._factors: dict[tuple, list | None] = {}
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
         if self.previous is not None:
             weight = self.previous(weight)
-        return patched_weight(weight, self.entries).to(weight.dtype)
+        key = (weight.device, weight.dtype)
+        if key not in self._factors:
+            self._factors[key] = _low_rank_factors(self.entries, *key)
+        factors = self._factors[key]
+        if factors is None or weight.ndim != 2:
+            return patched_weight(weight, self.entries).to(weight.dtype)
+        if weight.untyped_storage().data_ptr() == self.stored.untyped_storage().data_ptr():
+            weight = weight.clone()  # never add into the stored weight itself
+        for rows, up, down in factors:
+            view = weight if rows is None else weight.narrow(0, rows[0], rows[1])
+            view.addmm_(up, down)
+        return weight
 
 
 def _owner(module: nn.Module, key: str) -> tuple[nn.Module, str]:
@@ -98,7 +129,7 @@ def applied(
                     raise TypeError(f"LoRA: '{key}' is stored as {param.dtype}, which cannot take a patch in place, "
                                     f"and its layer ({type(owner).__name__}) has no compute-time hook")
                 hooks.append((owner, owner.weight_patch))
-                owner.weight_patch = WeightPatch(items, owner.weight_patch)
+                owner.weight_patch = WeightPatch(items, param, owner.weight_patch)
         yield module
     finally:
         with torch.no_grad():
