@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..prompt_lines import split_prompt_lines
 from .errors import PromptsFileError
 
 # Column -> kind. "path" values are local image files, resolved against the prompts file's folder.
@@ -149,14 +150,8 @@ def _row(index: int, line: int, raw: Mapping[str, Any], where: str, base_dir: st
 
 
 def parse_text(lines: Iterable[str], name: str, base_dir: str = ".") -> list[Row]:
-    """One prompt a line; blank lines and lines starting with ``#`` are skipped."""
-    rows = []
-    for number, text in enumerate(lines, 1):
-        text = text.rstrip("\r\n")
-        if not text.strip() or text.lstrip().startswith("#"):
-            continue
-        rows.append(Row(len(rows), number, {"prompt": text.strip()}))
-    return rows
+    """One prompt a line; blank lines and lines starting with ``#`` are skipped (``sd35_cli.prompt_lines``)."""
+    return [Row(i, number, {"prompt": text}) for i, (number, text) in enumerate(split_prompt_lines(lines).prompts)]
 
 
 def parse_csv(text: str, name: str, base_dir: str = ".", delimiter: str = ",") -> list[Row]:

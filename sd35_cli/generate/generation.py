@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from ..main import UsageError
+from ..prompt_lines import RULE, split_prompt_lines
 from .images import control_type_of, decode_image, encode_inputs, load_noise_mask
 from .models import LoadedModels, inspect_model, load_models, pick_device
 from .options import RAND_SEED_LIMIT, SEED_TYPES, GenerateOptions, options_from_args, validate_options
@@ -24,16 +25,22 @@ from .progress import ProgressBar, peak_memory
 from .settings import Settings, defaults_entry, resolve_settings, settings_summary, slg_requested
 
 
-def read_prompts(prompt: str) -> list[str]:
-    """The prompts to run: the text itself, or each line (stripped) of a ``.txt`` file, as the reference."""
+def read_prompts(prompt: str, say: Callable[[str], None] = lambda s: None) -> list[str]:
+    """The prompts to run: the text itself, or each line (stripped) of a ``.txt`` file, as the reference.
+
+    Blank and ``#`` lines of a file are skipped (the rule ``sd35 batch`` follows too), with a note to ``say``.
+    """
     if os.path.splitext(prompt)[-1] == ".txt":
         if not os.path.isfile(prompt):
             raise UsageError(f"--prompt {prompt}: no such prompt file (a prompt ending in .txt is read as a file)")
         with open(prompt, encoding="utf-8") as f:
-            prompts = [line.strip() for line in f.readlines()]
-        if not prompts:
-            raise UsageError(f"--prompt {prompt}: the prompt file is empty")
-        return prompts
+            lines = split_prompt_lines(f)
+        if not lines.prompts:
+            raise UsageError(f"--prompt {prompt}: the prompt file has no prompts ({RULE})")
+        note = lines.note(f"--prompt {prompt}")
+        if note:
+            say(f"note: {note}")
+        return [text for _, text in lines.prompts]
     return [prompt]
 
 
@@ -153,7 +160,7 @@ def generate(opts: GenerateOptions, *, log: TextIO | None = None, now: datetime.
             print(msg, file=log, flush=True)
 
     validate_options(opts)
-    prompts = read_prompts(opts.prompt)
+    prompts = read_prompts(opts.prompt, say)
     noise_mask = noise_mask_of(opts, say)
     device = pick_device(opts.device)
     seconds: dict[str, float] = {}

@@ -27,7 +27,8 @@ Generate images with SD3 Medium, SD3.5 Medium, Large, Large Turbo and the SD3.5 
 A drop-in for Stability's sd3_infer.py: the same option names and meanings (underscored or dashed),
 the same defaults per model file name (and, for renamed files, per detected model), and the same
 output folders: OUT_DIR/<model name>[_<controlnet name>]/<prompt[:50]><POSTFIX or _timestamp>/000000.png.
-A --prompt ending in .txt is read as one prompt per line (one image each).
+A --prompt ending in .txt is read as one prompt per line (one image each); blank lines and lines starting
+with # are skipped, with a note (as sd35 batch reads a .txt prompts file).
 
 Where this differs from the reference, on purpose:
   * --skip_layer_cfg on SD3.5 Medium uses cfg 4.0 as the reference's CONFIGS intend; the reference reads
@@ -214,7 +215,8 @@ def add_arguments(parser: argparse.ArgumentParser, only: Collection[str] | None 
 
 def _add_options(ref, ext) -> None:
     _opt(ref, "prompt", metavar="TEXT|FILE.txt",
-         help=f"prompt, or a .txt file with one prompt per line (default: {REF_PROMPT!r})")
+         help=f"prompt, or a .txt file with one prompt per line, blank and # lines skipped "
+              f"(default: {REF_PROMPT!r})")
     _opt(ref, "model", type=parse_optional_str, metavar="FILE",
          help=f"SD3/SD3.5 .safetensors checkpoint or bare diffusion model, or a GGUF diffusion model (Q8_0, Q4_0, "
               f"...; with --vae) (default: {REF_MODEL})")

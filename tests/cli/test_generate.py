@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sd35_cli.generate import GenerateOptions, output_dir, seeds_for
-from sd35_cli.main import build_parser, main
+from sd35_cli.main import UsageError, build_parser, main
 from tests.conftest import TOKENIZERS
 
 
@@ -52,6 +52,21 @@ def test_prompt_file_roll_seeds_and_reference_folder_naming(capsys, gen_args, tm
     for f in summary["files"]:
         with Image.open(f) as im:
             assert im.size == (64, 48) and im.mode == "RGB"
+
+
+def test_prompt_file_skips_blank_and_comment_lines_with_a_note_as_batch_does(tmp_path):
+    from sd35_cli.batch.rows import read_prompts as batch_prompts
+    from sd35_cli.generate import read_prompts
+
+    path = tmp_path / "p.txt"
+    path.write_text("  a red cube  \n\n# a note to self\n   \nan owl\n")
+    notes: list[str] = []
+    assert read_prompts(str(path), notes.append) == ["a red cube", "an owl"]  # stripped, as the reference
+    assert notes == [f"note: --prompt {path}: skipped 2 blank lines (2, 4) and 1 comment line (3)"]
+    assert [r.values["prompt"] for r in batch_prompts(str(path))] == ["a red cube", "an owl"]
+    path.write_text("\n# only a comment\n")
+    with pytest.raises(UsageError, match="no prompts.*blank lines and lines starting with # are skipped"):
+        read_prompts(str(path))
 
 
 def test_roll_image_i_equals_a_fixed_run_with_seed_plus_i(capsys, gen_args, tmp_path):
