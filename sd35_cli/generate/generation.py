@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TextIO
+from typing import Any, TextIO
 
 import torch
 from PIL import Image
@@ -21,6 +21,7 @@ from .images import control_type_of, decode_image, encode_inputs, load_noise_mas
 from .models import LoadedModels, inspect_model, load_models, pick_device
 from .options import RAND_SEED_LIMIT, SEED_TYPES, GenerateOptions, options_from_args, validate_options
 from .output import GenerateResult, output_dir, save_latents
+from .png_info import image_settings, png_info
 from .progress import ProgressBar, peak_memory
 from .settings import Settings, defaults_entry, resolve_settings, settings_summary, slg_requested
 
@@ -231,7 +232,7 @@ def generate(opts: GenerateOptions, *, log: TextIO | None = None, now: datetime.
         t = time.perf_counter()
         image = decode_image(loaded.vae, latent)
         path = os.path.join(out_dir, f"{i:06d}.png")
-        image.save(path)
+        image.save(path, pnginfo=png_info(_image_settings(opts, settings, request, prompt, seed, init is not None)))
         seconds["decode"] += time.perf_counter() - t
         files.append(path)
         if opts.verbose:
@@ -253,8 +254,36 @@ def generate(opts: GenerateOptions, *, log: TextIO | None = None, now: datetime.
     return GenerateResult(
         out_dir=out_dir, files=files, prompts=prompts, seeds=seeds, model=opts.model, variant=model.variant,
         settings=settings_summary(settings, opts), width=opts.width, height=opts.height, device=str(device),
+        dtype=_dtype_name(model.policy.compute),
+        weights_dtype=_dtype_name(model.policy.storage) if model.policy.storage is not None else "as stored",
         seconds=seconds, steps_run=steps_run, memory=peak_memory(device), latent_file=latent_file,
         control_image_file=control_file, latents=all_latents, cache=cache,
+    )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _image_settings(opts: GenerateOptions, settings: Settings, request: Any, prompt: str, seed: int,
+                    img2img: bool) -> dict[str, Any]:
+    """What one PNG records about how it was made (see :mod:`.png_info`)."""
+    slg = None
+    if settings.slg is not None:
+        g = settings.slg
+        slg = {"layers": list(g.layers), "scale": g.scale, "start": g.start, "end": g.end, "window": g.window}
+    controlnet = None
+    if opts.controlnet_ckpt:
+        controlnet = {"model": os.path.basename(opts.controlnet_ckpt), "strength": opts.controlnet_strength,
+                      "image": os.path.basename(opts.controlnet_cond_image or ""),
+                      "preprocess": opts.controlnet_preprocess}
+    loras = tuple({"file": os.path.basename(lo.path), "strength": lo.strength, "clip_strength": lo.clip_strength}
+                  for lo in opts.lora)
+    return image_settings(
+        prompt=prompt, negative=opts.negative_prompt, seed=seed, steps=settings.steps, cfg=settings.cfg,
+        sampler=settings.sampler, schedule=request.schedule, shift=settings.shift, slg=slg, width=opts.width,
+        height=opts.height, model=opts.model, denoise=opts.denoise if img2img else None,
+        init_image=opts.init_image if img2img else None, controlnet=controlnet, loras=loras,
     )
 
 

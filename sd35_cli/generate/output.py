@@ -42,7 +42,7 @@ class GenerateResult:
     settings: dict[str, Any]
     width: int
     height: int
-    device: str
+    device: str  # the device the run actually used
     seconds: dict[str, float]
     steps_run: int
     memory: dict[str, int | None]
@@ -50,6 +50,8 @@ class GenerateResult:
     control_image_file: str | None = None
     latents: torch.Tensor | None = field(default=None, repr=False)
     cache: dict[str, Any] | None = None  # the step cache's figures, when it was on
+    dtype: str = ""  # the diffusion model's compute dtype (float32, bfloat16, ...)
+    weights_dtype: str = ""  # its weights' dtype in memory ("as stored" when kept as in the file)
 
     @property
     def seconds_per_step(self) -> float:
