@@ -14,6 +14,7 @@ from typing import Any, TextIO
 
 import torch
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from ..main import UsageError
 from ..prompt_lines import RULE, split_prompt_lines
@@ -126,9 +127,10 @@ def sample_latent(loaded: LoadedModels, opts: GenerateOptions, request, positive
 
 
 def render_image(loaded: LoadedModels, opts: GenerateOptions, seed: int,
-                 say: Callable[[str], None] = lambda s: None) -> tuple[torch.Tensor, Image.Image]:
+                 say: Callable[[str], None] = lambda s: None) -> tuple[torch.Tensor, Image.Image, PngInfo]:
     """One image of ``opts.prompt`` (the text itself) with ``seed`` on models loaded with the same model options:
-    ``(latent, image)``, the same numbers as :func:`generate` makes for that prompt and seed.
+    ``(latent, image, png_info)``, the same numbers (and PNG text chunks) as :func:`generate` makes for that
+    prompt and seed.
 
     ``sd35 batch --engine ray`` renders each row with it; the row's settings are ``opts``' fields.
     """
@@ -141,7 +143,8 @@ def render_image(loaded: LoadedModels, opts: GenerateOptions, seed: int,
     positive = encode_prompt(loaded, opts.prompt)
     request = build_request(opts, settings, init, controls, noise_mask, seed)
     latent = sample_latent(loaded, opts, request, positive, negative, init)
-    return latent, decode_image(loaded.vae, latent)
+    info = png_info(_image_settings(opts, settings, request, opts.prompt, seed, init is not None))
+    return latent, decode_image(loaded.vae, latent), info
 
 
 def generate(opts: GenerateOptions, *, log: TextIO | None = None, now: datetime.datetime | None = None,

@@ -68,9 +68,9 @@ class RowWorker:
 
         t = time.perf_counter()
         try:
-            _latent, image = render_image(self.loaded, opts, seed)
+            _latent, image, info = render_image(self.loaded, opts, seed)
             buf = io.BytesIO()
-            image.save(buf, format="PNG")  # the bytes sd35 generate writes for the same image
+            image.save(buf, format="PNG", pnginfo=info)  # the bytes sd35 generate writes for the same image
             return RowResult(buf.getvalue(), None, time.perf_counter() - t)
         except Exception as e:  # the row is recorded as failed; the worker goes on with the next one
             return RowResult(None, _one_line(e), time.perf_counter() - t)
