@@ -13,7 +13,7 @@ from .client import HAVE_WEBSOCKET, ComfyClient
 from .errors import BatchError, WorkflowError
 from .manifest import Manifest, is_done
 from .progress import Progress
-from .rows import FORMATS, expand_jobs, read_prompts, used_columns
+from .rows import FORMATS, expand_jobs, parse_overrides, read_prompts, used_columns, with_overrides
 from .runner import BatchRun, prepare_jobs
 from .workflow import describe_targets, is_link, load_workflow, resolve_targets, to_api, validate
 
@@ -42,7 +42,17 @@ Prompts file (format from the extension, or --format):
   .jsonl  one JSON object a line
 Columns: prompt, negative, seed, steps, cfg, width, height, denoise, control_image, init_image, mask_image
 (image paths are relative to the prompts file; a mask is white = repaint, or the transparent part of an
-image). Empty cells keep the workflow's value. Other columns need --map.
+image). Empty cells keep the workflow's value. Other columns need --map. A bad cell names the file, line,
+row, column and what was expected.
+
+Run-wide values: --set FIELD=VALUE (repeatable; any column above, e.g. --set width=768 --set steps=30)
+applies to every row under the row's own values, so a plain .txt prompt list need not run at the
+workflow's saved size and step count. Image paths given with --set are relative to the current folder.
+
+Where the images end up: the client downloads each image into --out. The ComfyUI server also keeps its
+own copy, as any prompt's SaveImage output: the shipped API workflows save under ComfyUI's output/sd35/
+(filename_prefix sd35/<workflow>). Delete those, or give a workflow whose output node is a Preview Image,
+if the client's copy should be the only one.
 
 Where columns go: found from the graph for the shipped workflows and most others (the sampler's seed,
 steps, cfg, denoise; the text encoder behind its positive and negative inputs; the empty latent's size;
@@ -92,6 +102,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="images per row, with consecutive seeds (default 1)")
     parser.add_argument("--seed", type=int, default=None,
                         help="first seed of each row without a seed column (default: the workflow's seed)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a value for every row, under the rows' own values (repeatable; the columns "
+                             "of a prompts file: --set width=768 --set steps=30)")
     parser.add_argument("--map", action="append", default=[], metavar="COLUMN=NodeTitle.input",
                         help="send a column to a node input (repeatable)")
     resume = parser.add_mutually_exclusive_group()
@@ -168,7 +181,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.workflow is not None or args.server:
             raise BatchError("--engine ray runs sd35_core itself: it takes --model and the other options of "
                              "sd35 generate, not --workflow or --server")
-        rows = read_prompts(args.prompts, args.format)
+        rows = with_overrides(read_prompts(args.prompts, args.format), parse_overrides(args.overrides))
         from .ray_engine.run import run_ray
 
         return run_ray(args, rows)
@@ -179,7 +192,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.workflow is None:
         raise BatchError("--workflow is needed (the ComfyUI workflow to queue per row), or use --engine ray "
                          "with --model")
-    rows = read_prompts(args.prompts, args.format)
+    rows = with_overrides(read_prompts(args.prompts, args.format), parse_overrides(args.overrides))
     data = load_workflow(args.workflow)
 
     addresses = args.server or ["127.0.0.1:8188"]

@@ -96,9 +96,12 @@ def convert_value(column: str, value: Any, where: str, base_dir: str) -> Any:
         if kind == "int":
             return _to_int(value, column)
         if kind == "float":
-            if isinstance(value, bool):
-                raise ValueError("expected a number")
-            return float(value)
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise ValueError(f"expected a number, got {value!r}")
+            try:
+                return float(value)
+            except ValueError:
+                raise ValueError(f"expected a number such as 4.5, got {value!r}") from None
         if kind == "path":
             if not isinstance(value, str):
                 raise ValueError("expected a file path")
@@ -124,7 +127,10 @@ def _to_int(value: Any, column: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            f = float(text)  # "40.0" is fine, "forty" raises with Python's own message
+            try:
+                f = float(text)  # "40.0" is fine
+            except ValueError:
+                raise ValueError(f"expected a whole number such as 30, got {text!r}") from None
             if not f.is_integer():
                 raise ValueError(f"expected a whole number, got {text!r}") from None
             value = int(f)
@@ -168,7 +174,7 @@ def parse_csv(text: str, name: str, base_dir: str = ".", delimiter: str = ",") -
         line = reader.line_num
         if None not in record and not any(str(v).strip() for v in record.values() if v is not None):
             continue
-        rows.append(_row(len(rows), line, record, f"{name} line {line}", base_dir))
+        rows.append(_row(len(rows), line, record, f"{name} line {line} (row {len(rows) + 1})", base_dir))
     return rows
 
 
@@ -178,7 +184,7 @@ def parse_jsonl(lines: Iterable[str], name: str, base_dir: str = ".") -> list[Ro
     for number, text in enumerate(lines, 1):
         if not text.strip():
             continue
-        where = f"{name} line {number}"
+        where = f"{name} line {number} (row {len(rows) + 1})"
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
@@ -215,6 +221,27 @@ def read_prompts(path: str, fmt: str | None = None) -> list[Row]:
     if not rows:
         raise PromptsFileError(f"{name}: no prompts in the file")
     return rows
+
+
+def parse_overrides(items: Sequence[str], base_dir: str = ".") -> dict[str, Any]:
+    """``--set FIELD=VALUE`` items as typed values, checked like a prompts-file cell of that column."""
+    values: dict[str, Any] = {}
+    for item in items:
+        field_name, sep, value = item.partition("=")
+        column = normalize_column(field_name)
+        if not sep or not column:
+            raise PromptsFileError(f"--set {item!r}: expected FIELD=VALUE, such as --set steps=30")
+        if not value.strip():
+            raise PromptsFileError(f"--set {item!r}: no value after '='")
+        values[column] = convert_value(column, value, f"--set {item}", base_dir)
+    return values
+
+
+def with_overrides(rows: Sequence[Row], overrides: Mapping[str, Any]) -> list[Row]:
+    """``rows`` with the ``--set`` values under them: a row's own value for a column wins."""
+    if not overrides:
+        return list(rows)
+    return [Row(r.index, r.line, {**overrides, **r.values}) for r in rows]
 
 
 def used_columns(rows: Sequence[Row]) -> list[str]:

@@ -63,7 +63,10 @@ def test_bad_files_are_reported_before_any_server_is_asked(files, tmp_path, caps
     port = closed_port()
     (tmp_path / "bad.csv").write_text("prompt,steps\na,many\n")
     assert main(["batch", "-w", wf, "-p", str(tmp_path / "bad.csv"), "-o", out, "-s", f"127.0.0.1:{port}"]) == 1
-    assert "bad.csv line 2: column 'steps'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "bad.csv line 2 (row 1): column 'steps': expected a whole number such as 30, got 'many'" in err
+    assert main(["batch", "-w", wf, "-p", prompts, "-o", out, "--set", "steps=abc", "-s", f"127.0.0.1:{port}"]) == 1
+    assert "--set steps=abc: column 'steps': expected a whole number" in capsys.readouterr().err
     assert main(["batch", "-w", str(tmp_path / "none.json"), "-p", prompts, "-o", out,
                  "-s", f"127.0.0.1:{port}"]) == 1
     assert "none.json does not exist" in capsys.readouterr().err
@@ -112,3 +115,12 @@ def test_reading_comfyuis_answers():
                                                                        ("12", 0, "b.png")]
     previews_only = {"outputs": {"3": {"images": [{"filename": "p.png", "subfolder": "", "type": "temp"}]}}}
     assert [r["filename"] for _, _, r in output_images(previews_only)] == ["p.png"]
+
+
+def test_help_says_where_the_images_end_up_and_how_to_set_run_wide_values(capsys):
+    with pytest.raises(SystemExit):
+        main(["batch", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--set FIELD=VALUE" in text and "--set width=768 --set steps=30" in text
+    assert "The ComfyUI server also keeps its own copy" in text and "output/sd35/" in text
+    assert "Preview Image" in text

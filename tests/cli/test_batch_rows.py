@@ -61,21 +61,24 @@ def test_image_columns_are_paths_relative_to_the_prompts_file(tmp_path):
     path = write(tmp_path, "p.csv", "prompt,control_image\nx,img/edges.png\n")
     assert read_prompts(path)[0].values["control_image"] == str(tmp_path / "img" / "edges.png")
     missing = write(tmp_path, "q.csv", "prompt,control_image\nx,img/nope.png\n")
-    with pytest.raises(PromptsFileError, match=r"q.csv line 2: column 'control_image': 'img/nope.png' is not a file"):
+    with pytest.raises(PromptsFileError,
+                       match=r"q.csv line 2 \(row 1\): column 'control_image': 'img/nope.png' is not a file"):
         read_prompts(missing)
 
 
 @pytest.mark.parametrize("name, text, message", [
-    ("p.csv", "prompt,steps\nx,forty\n", r"p.csv line 2: column 'steps'"),
-    ("p.csv", "prompt,steps\nx,4.5\n", r"p.csv line 2: column 'steps': expected a whole number"),
+    ("p.csv", "prompt,steps\nx,forty\n", r"p.csv line 2 \(row 1\): column 'steps': expected a whole number "
+                                          r"such as 30, got 'forty'"),
+    ("p.csv", "prompt,steps\nx,4.5\n", r"p.csv line 2 \(row 1\): column 'steps': expected a whole number"),
     ("p.csv", "prompt,seed\nx,-1\n", r"seed -1 is outside"),
     ("p.csv", "prompt,Prompt\nx,y\n", r"column 'prompt' appears more than once"),
-    ("p.csv", "prompt\nx,y\n", r"line 2: more cells than header columns"),
+    ("p.csv", "prompt\nx,y\n", r"line 2 \(row 1\): more cells than header columns"),
     ("p.csv", "", r"empty file"),
-    ("p.jsonl", '{"prompt": "ok"}\n{"prompt": \n', r"p.jsonl line 2: not valid JSON"),
-    ("p.jsonl", "[1, 2]\n", r"line 1: expected a JSON object"),
-    ("p.jsonl", '{"prompt": "x", "cfg": "high"}\n', r"line 1: column 'cfg'"),
-    ("p.jsonl", '{"prompt": "x", "steps": true}\n', r"line 1: column 'steps': expected a whole number"),
+    ("p.jsonl", '{"prompt": "ok"}\n{"prompt": \n', r"p.jsonl line 2 \(row 2\): not valid JSON"),
+    ("p.jsonl", "[1, 2]\n", r"line 1 \(row 1\): expected a JSON object"),
+    ("p.jsonl", '{"prompt": "x", "cfg": "high"}\n', r"line 1 \(row 1\): column 'cfg': "
+                                                 r"expected a number such as 4\.5, got 'high'"),
+    ("p.jsonl", '{"prompt": "x", "steps": true}\n', r"line 1 \(row 1\): column 'steps': expected a whole number"),
     ("p.txt", "# only a comment\n\n", r"no prompts in the file"),
 ])
 def test_bad_rows_are_reported_with_file_line_and_column(tmp_path, name, text, message):
@@ -117,3 +120,41 @@ def test_seed_limits(tmp_path):
         expand_jobs(rows, seeds_per_prompt=2)
     with pytest.raises(ValueError, match="seeds-per-prompt"):
         expand_jobs(rows, seeds_per_prompt=0)
+
+
+def test_set_values_go_under_every_row_and_a_rows_own_value_wins(tmp_path):
+    from sd35_cli.batch.rows import parse_overrides, with_overrides
+
+    rows = read_prompts(write(tmp_path, "p.csv", "prompt,steps\na,\nb,12\n"))
+    overrides = parse_overrides(["width=768", "Steps=30", "cfg=4.5", "negative=blurry"])
+    assert overrides == {"width": 768, "steps": 30, "cfg": 4.5, "negative": "blurry"}  # typed as the columns
+    jobs = expand_jobs(with_overrides(rows, overrides))
+    assert [j.settings for j in jobs] == [
+        {"width": 768, "steps": 30, "cfg": 4.5, "negative": "blurry", "prompt": "a"},
+        {"width": 768, "steps": 12, "cfg": 4.5, "negative": "blurry", "prompt": "b"},
+    ]
+    text = read_prompts(write(tmp_path, "p.txt", "a fox\n"))
+    assert with_overrides(text, parse_overrides(["width=768", "steps=30"]))[0].values == {
+        "width": 768, "steps": 30, "prompt": "a fox"}
+
+
+@pytest.mark.parametrize("item, message", [
+    ("steps=abc", r"--set steps=abc: column 'steps': expected a whole number such as 30, got 'abc'"),
+    ("cfg=high", r"--set cfg=high: column 'cfg': expected a number such as 4\.5, got 'high'"),
+    ("width", r"--set 'width': expected FIELD=VALUE"),
+    ("steps=", r"no value after '='"),
+    ("init_image=nope.png", r"'nope.png' is not a file"),
+])
+def test_bad_set_values_name_the_field_and_what_was_expected(tmp_path, item, message):
+    from sd35_cli.batch.rows import parse_overrides
+
+    with pytest.raises(PromptsFileError, match=message):
+        parse_overrides([item], str(tmp_path))
+
+
+def test_a_bad_cell_names_the_row_the_column_and_what_was_expected(tmp_path):
+    with pytest.raises(PromptsFileError, match=r"p\.csv line 3 \(row 2\): column 'steps': expected a whole number "
+                                               r"such as 30, got 'abc'"):
+        read_prompts(write(tmp_path, "p.csv", "prompt,steps\na,4\nb,abc\n"))
+    with pytest.raises(PromptsFileError, match=r"p\.jsonl line 2 \(row 2\): column 'cfg': expected a number"):
+        read_prompts(write(tmp_path, "p.jsonl", '{"prompt": "a"}\n{"prompt": "b", "cfg": "x"}\n'))
