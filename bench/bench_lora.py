@@ -8,7 +8,9 @@ Run from the repository root: ``python bench/bench_lora.py`` (options: --depth -
 The model is bench_model.py's (SD3.5 Medium's structure scaled for two CPU cores: 24 joint blocks, attn2 in
 blocks 0..12, hidden 256, a 512x512 image, 154 context tokens); the LoRA is a seeded kohya-format file with
 a rank-``--rank`` update on every linear layer of the diffusion model. ``apply_s`` is entering the
-``applied`` context (merging every patched weight, backing it up); ``restore_s`` is leaving it.
+``applied`` context (merging every patched weight, backing it up); ``restore`` is leaving it. Times are
+wall and CPU seconds (``time.process_time``, all threads): on a shared machine the CPU seconds are the
+figure to read, and ``load_average`` says how shared it was.
 """
 
 from __future__ import annotations
@@ -45,15 +47,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _median_time(fn, repeats: int) -> tuple[float, torch.Tensor]:
-    """Median seconds of ``repeats`` calls after a warm-up, and the last call's result."""
+class Timer:
+    """Wall seconds and this process's CPU seconds (all threads): on a shared machine the CPU time is what
+    the work costs, the wall time also holds the waits for other processes."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+    def json(self) -> dict:
+        return {"wall_s": round(self.wall, 4), "cpu_s": round(self.cpu, 4)}
+
+
+def _median_time(fn, repeats: int) -> tuple[dict, torch.Tensor]:
+    """Median wall and CPU seconds of ``repeats`` calls after a warm-up, and the last call's result."""
     fn()  # warm-up
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+        with Timer() as t:
+            out = fn()
+        walls.append(t.wall)
+        cpus.append(t.cpu)
+    return {"wall_s": round(statistics.median(walls), 4), "cpu_s": round(statistics.median(cpus), 4)}, out
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -73,9 +91,8 @@ def main(argv=None) -> dict:
     path = os.path.join(tmp, "bench_lora.safetensors")
     save_file(tensors, path)
 
-    start = time.perf_counter()
-    lora = load_lora(path, mmdit=model).model
-    load_s = time.perf_counter() - start
+    with Timer() as load_t:
+        lora = load_lora(path, mmdit=model).model
     stack = [(lora, 1.0)]
     patched_bytes = sum(model.get_parameter(k).numel() * model.get_parameter(k).element_size() for k in lora.patches)
 
@@ -86,21 +103,19 @@ def main(argv=None) -> dict:
     out = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
            "machine": platform.machine(), "shape": {"depth": args.depth, "hidden": args.hidden, "size": args.size},
            "rank": args.rank, "lora_file_mb": round(os.path.getsize(path) / 2**20, 2),
-           "patched_tensors": len(lora.patches), "read_and_resolve_s": round(load_s, 4)}
+           "patched_tensors": len(lora.patches), "read_and_resolve": load_t.json(),
+           "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     base_step, fp32_base = _median_time(lambda: step(model), args.repeats)
     rss_before = _rss_mb()
-    start = time.perf_counter()
     ctx = applied(model, stack)
-    ctx.__enter__()
-    apply_s = time.perf_counter() - start
+    with Timer() as apply_t:
+        ctx.__enter__()
     rss_applied = _rss_mb()
     lora_step, fp32_merge = _median_time(lambda: step(model), args.repeats)
-    start = time.perf_counter()
-    ctx.__exit__(None, None, None)
-    restore_s = time.perf_counter() - start
+    with Timer() as restore_t:
+        ctx.__exit__(None, None, None)
     out["fp32"] = {
-        "apply_s": round(apply_s, 4), "restore_s": round(restore_s, 4),
-        "step_s_without": round(base_step, 4), "step_s_with": round(lora_step, 4),
+        "apply": apply_t.json(), "restore": restore_t.json(), "step_without": base_step, "step_with": lora_step,
         "backup_mb": round(patched_bytes / 2**20, 1),
         "extra_rss_mb_while_applied": None if rss_before is None else round(rss_applied - rss_before, 1),
     }
@@ -111,7 +126,7 @@ def main(argv=None) -> dict:
     with applied(fp8, [(fp8_lora, 1.0)]):
         fp8_step, fp8_out = _median_time(lambda: step(fp8), args.repeats)
     out["fp8_compute_time"] = {
-        "step_s_without": round(fp8_base_step, 4), "step_s_with": round(fp8_step, 4),
+        "step_without": fp8_base_step, "step_with": fp8_step,
         # Relative max error against the fp32 merge (fp32 weights, fp32 compute, LoRA merged).
         "rel_err_vs_fp32_merge": round(_rel(fp8_out, fp32_merge), 5),
         "rel_err_of_fp8_base_vs_fp32_merge": round(_rel(fp8_base, fp32_merge), 5),
