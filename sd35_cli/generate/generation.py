@@ -81,7 +81,7 @@ def encode_prompt(loaded: LoadedModels, text: str):
     from sd35_core.guidance import CondEntry
     from sd35_core.lora import applied
 
-    with applied(loaded.text_modules, loaded.text_loras):  # --lora: merged for the call, undone after it
+    with applied(loaded.text_modules, loaded.text_loras, backup_device="cpu"):  # merged for the call, then undone
         context, pooled = loaded.text.encode(text)
     return CondEntry(context, pooled)
 
@@ -114,7 +114,7 @@ def sample_latent(loaded: LoadedModels, opts: GenerateOptions, request, positive
     from sd35_core.pipeline import img2img, txt2img
 
     model = loaded.model
-    with applied(model.mmdit, loaded.model_loras):
+    with applied(model.mmdit, loaded.model_loras, backup_device="cpu"):  # backups off the GPU
         if init is None:
             latent = txt2img(model.mmdit, positive, negative, request, width=opts.width, height=opts.height,
                              callback=callback, stats=stats)
