@@ -41,7 +41,8 @@ class SD35ControlNetApply:
                     "tooltip": "How the control image is scaled for the VAE; auto reads it from the ControlNet file."}),
                 "depth_invert": (list(DEPTH_INVERT), {
                     "default": "auto",
-                    "tooltip": "Depth maps only. The SD3.5 depth ControlNet was trained with near = dark, which the "
+                    "tooltip": "Depth maps only, and the one place their orientation is set. The SD3.5 depth "
+                               "ControlNet was trained with near = dark, which the "
                                "reference feeds as given; Depth Anything and MiDaS draw near = bright. auto inverts "
                                "a map whose lower part (usually the ground, near) is brighter than its top, so both "
                                "kinds come out right; off and on force it."}),
@@ -131,17 +132,24 @@ class SD35BlurPreprocessor:
 
 
 class SD35DepthNormalize:
-    """Stretch a depth map to 0..1 (and optionally invert it) for the depth ControlNet."""
+    """Stretch a depth map to 0..1 for the depth ControlNet.
+
+    Which way round the map goes (near = dark, as the ControlNet was trained) is decided in one place:
+    SD35 Apply ControlNet's ``depth_invert``. This node once had its own ``invert`` switch too, and the two
+    could cancel each other (``invert`` on here, ``auto`` there re-inverting). ``invert`` is now a hidden
+    input: the graph editor shows no second control, an old workflow still loads (the editor drops the
+    surplus widget value, and ``depth_invert=auto`` orients the map anyway), and an API prompt or script
+    that passes ``invert`` gets what it asked for.
+    """
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "image": ("IMAGE", {"tooltip": "A depth map from any depth estimator node or file."}),
-                "invert": ("BOOLEAN", {"default": False,
-                                       "tooltip": "Invert after normalising: the SD3.5 depth ControlNet wants near = "
-                                                  "dark, most estimators draw near = bright."}),
-            }
+                "image": ("IMAGE", {"tooltip": "A depth map from any depth estimator node or file. Which way round "
+                                               "it goes is set on SD35 Apply ControlNet (depth_invert)."}),
+            },
+            "hidden": {"invert": ("BOOLEAN", {"default": False})},
         }
 
     RETURN_TYPES = ("IMAGE",)
@@ -149,8 +157,11 @@ class SD35DepthNormalize:
     OUTPUT_TOOLTIPS = ("The normalised depth map, grey in all three channels.",)
     FUNCTION = "run"
     CATEGORY = "sd35/controlnet/preprocessors"
-    DESCRIPTION = "Normalises a depth map to the full 0..1 range (per image), optionally inverted."
+    DESCRIPTION = ("Normalises a depth map to the full 0..1 range (per image). Near = dark or bright is handled by "
+                   "SD35 Apply ControlNet's depth_invert (auto by default).")
 
-    def run(self, image, invert):
+    def run(self, image, invert: bool = False):
+        if not isinstance(invert, bool):
+            raise ValueError(f"SD35 Depth Normalize: invert: expected true or false, got {invert!r}")
         out = preprocess.normalize_depth(image)
         return (1.0 - out if invert else out,)

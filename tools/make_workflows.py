@@ -535,9 +535,10 @@ PREPROCESSORS = {
               "Load image straight to Apply ControlNet."),
     "blur": ("SD35BlurPreprocessor", "Blur", {}, "The photo is blurred (kernel 50 as on the model card); the "
              "result follows its colours and layout. Useful for upscaling and re-rendering."),
-    "depth": ("SD35DepthNormalize", "Normalise depth map", {"invert": False}, "Load a depth map (near = dark, "
-              "as the SD3.5 depth ControlNet was trained). Maps from Depth Anything or MiDaS draw near = bright: "
-              "switch invert on in Normalise depth map."),
+    "depth": ("SD35DepthNormalize", "Normalise depth map", {}, "Load a depth map. The SD3.5 depth ControlNet "
+              "was trained with near = dark; maps from Depth Anything or MiDaS draw near = bright. Apply "
+              "ControlNet's depth_invert (the one inversion control) is auto: it turns a near = bright map round; "
+              "set it to off or on to force it."),
 }
 
 

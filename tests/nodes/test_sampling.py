@@ -275,6 +275,20 @@ def test_blur_and_depth_preprocessors_and_depth_controlnet(run_node, parts):
     assert torch.isfinite(out["samples"]).all()
 
 
+def test_depth_normalize_leaves_orientation_to_apply_controlnet_and_its_old_invert_input_still_works(
+        node_classes, run_node):
+    spec = node_classes["SD35DepthNormalize"].INPUT_TYPES()
+    assert "invert" not in {**spec["required"], **spec.get("optional", {})}  # no second control in the editor
+    assert "depth_invert" in node_classes["SD35ControlNetApply"].INPUT_TYPES()["optional"]
+    depth_raw = torch.linspace(0.2, 0.6, 16).view(1, 16, 1, 1).expand(1, 16, 16, 3)
+    (plain,) = run_node("SD35DepthNormalize", image=depth_raw)
+    # An API prompt saved with the old widget still passes invert (ComfyUI hands hidden inputs over).
+    (inverted,) = run_node("SD35DepthNormalize", image=depth_raw, invert=True)
+    assert torch.allclose(inverted, 1 - plain)
+    with pytest.raises(ValueError, match="invert: expected true or false"):
+        run_node("SD35DepthNormalize", image=depth_raw, invert="yes")
+
+
 def test_cache_threshold_is_an_optional_input_that_reaches_the_request(run_node, parts, caplog):
     import logging
 

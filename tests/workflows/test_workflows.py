@@ -327,3 +327,11 @@ def test_core_node_list_matches_the_comfyui_checkout():
                     assert their_kind == kind, (name, input_name)
                 for key in ("min", "max", "step"):
                     assert their_options.get(key) == options.get(key), (name, input_name, key)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_depth_map_is_turned_round_by_one_control_only(name, specs):
+    # The Normalise node's own invert switch and Apply ControlNet's depth_invert used to cancel each other.
+    controls = [(node["type"], w) for node in load(f"{name}.json")["nodes"] for w in specs[node["type"]].widgets
+                if "invert" in w]
+    assert controls in ([], [("SD35ControlNetApply", "depth_invert")]), controls
