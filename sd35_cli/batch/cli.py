@@ -14,7 +14,7 @@ from .errors import BatchError, WorkflowError
 from .manifest import Manifest, is_done
 from .progress import Progress
 from .rows import FORMATS, expand_jobs, parse_overrides, read_prompts, used_columns, with_overrides
-from .runner import BatchRun, prepare_jobs
+from .runner import ROW_TIMEOUT_S, BatchRun, prepare_jobs
 from .workflow import describe_targets, is_link, load_workflow, resolve_targets, to_api, validate
 
 PROG = "sd35 batch"
@@ -119,6 +119,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="follow the servers by polling /history instead of their websocket")
     parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                         help="HTTP timeout for one request (default 30)")
+    parser.add_argument("--row-timeout", type=float, default=ROW_TIMEOUT_S, metavar="SECONDS",
+                        help="a prompt that has run (or waited in the queue) this long without finishing counts as "
+                             "stuck: its server is dropped for the rest of the run and its rows go to the other "
+                             f"servers (default {ROW_TIMEOUT_S:g}; 0 waits forever)")
     parser.add_argument("--dry-run", action="store_true",
                         help="check everything, print where each column goes and the first prompt, queue nothing")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress, only problems and the summary")
@@ -192,6 +196,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.workflow is None:
         raise BatchError("--workflow is needed (the ComfyUI workflow to queue per row), or use --engine ray "
                          "with --model")
+    if not args.row_timeout >= 0:
+        raise BatchError(f"--row-timeout: expected 0 (wait forever) or a number of seconds, got {args.row_timeout}")
     rows = with_overrides(read_prompts(args.prompts, args.format), parse_overrides(args.overrides))
     data = load_workflow(args.workflow)
 
@@ -272,7 +278,8 @@ def _run(args: argparse.Namespace) -> int:
     for line in describe_targets(api, targets):
         log.info("%s", line)
 
-    runner = BatchRun(clients, todo, args.out, manifest, progress, use_websocket=use_ws, max_queue=args.max_queue)
+    runner = BatchRun(clients, todo, args.out, manifest, progress, use_websocket=use_ws, max_queue=args.max_queue,
+                      row_timeout=args.row_timeout)
     result = runner.run()
     done = skipped + result.done
     if result.interrupted:

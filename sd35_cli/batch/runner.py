@@ -29,6 +29,7 @@ REFRESH_S = 0.5  # how often each server's /queue is read
 FAILURES_TO_DEATH = 3  # consecutive failed calls after which a server counts as gone ...
 DEATH_AFTER_S = 5.0  # ... or failures spanning this long
 VANISH_AFTER_S = 5.0  # a prompt neither queued nor in the history this long was lost (server restarted)
+ROW_TIMEOUT_S = 3600.0  # a prompt not finished this long after it started (or was queued) is stuck
 
 
 @dataclass
@@ -125,6 +126,7 @@ class _Server:
     uploaded: set[str] = field(default_factory=set)
     failures: int = 0
     first_failure: float = 0.0
+    refused_submits: int = 0  # POST /prompt failures in a row (a server can answer /queue and still fail those)
     next_refresh: float = 0.0
     queued: set[str] = field(default_factory=set)  # prompt ids in its queue at the last refresh
 
@@ -137,7 +139,15 @@ class _Flight:
     submitted: float
     check_at: float = 0.0
     started: bool = False
+    started_at: float | None = None
     missing_since: float | None = None
+
+    def start(self) -> bool:
+        """Mark the prompt as running; whether it was not marked before."""
+        if self.started:
+            return False
+        self.started, self.started_at = True, time.monotonic()
+        return True
 
 
 @dataclass
@@ -157,7 +167,7 @@ class BatchRun:
 
     def __init__(self, clients: Sequence[ComfyClient], jobs: Sequence[PreparedJob], out_dir: str, manifest: Manifest,
                  progress: Progress, *, use_websocket: bool = True, max_queue: int = 2,
-                 poll_interval: float = 0.5, client_id: str | None = None):
+                 poll_interval: float = 0.5, client_id: str | None = None, row_timeout: float = ROW_TIMEOUT_S):
         self.servers = [_Server(c) for c in clients]
         self.jobs: JobQueue[PreparedJob] = JobQueue(jobs)
         self.out_dir = out_dir
@@ -166,6 +176,7 @@ class BatchRun:
         self.use_websocket = use_websocket and HAVE_WEBSOCKET
         self.max_queue = max_queue
         self.poll_interval = poll_interval
+        self.row_timeout = row_timeout  # 0: wait forever
         self.client_id = client_id or f"sd35-batch-{uuid.uuid4().hex}"
         self.events: queue.Queue = queue.Queue()
         self.flights: dict[str, _Flight] = {}  # prompt id -> flight
@@ -191,6 +202,7 @@ class BatchRun:
                 self._dispatch()
                 self._pump_events(0.05)
                 self._poll()
+                self._check_stuck()
         except KeyboardInterrupt:
             self.result.interrupted = True
             self._cancel_flights()
@@ -221,8 +233,7 @@ class BatchRun:
             for f in mine:
                 if f.prompt_id not in s.queued:
                     f.check_at = min(f.check_at, now)  # left the queue: finished (or lost), look now
-                elif f.prompt_id in running and not f.started:
-                    f.started = True
+                elif f.prompt_id in running and f.start():
                     self.progress.started_job(s.client.label, f.job.label)
 
     def _dispatch(self) -> None:
@@ -243,13 +254,21 @@ class BatchRun:
             except PromptRejected as e:
                 self._record(job, "error", i, error=str(e))
                 continue
-            except ServerUnreachable as e:
-                self.jobs.put_back(job)
-                self._failed(i, e)
-                return  # retry on a later turn, after the next look at every server's queue
-            except ServerError as e:
-                self._record(job, "error", i, error=str(e))
+            except OSError as e:  # an image of the row went away since the run started
+                self._record(job, "error", i, error=f"cannot upload the row's image: {e.strerror or e} "
+                                                    f"({getattr(e, 'filename', '')})")
                 continue
+            except (ServerUnreachable, ServerError) as e:
+                # Not the row's fault (a refused prompt is PromptRejected): the row goes back for any server,
+                # and a server that keeps failing is dropped (its rows re-queued on the others).
+                self.jobs.put_back(job)
+                s.refused_submits += 1
+                if s.refused_submits >= FAILURES_TO_DEATH:
+                    self._dead(i, f"{e} ({s.refused_submits} prompts in a row)")
+                else:
+                    self._failed(i, e)
+                return  # retry on a later turn, after the next look at every server's queue
+            s.refused_submits = 0
             now = time.monotonic()
             self.jobs.assign(i, job)
             self.flights[prompt_id] = _Flight(job, i, prompt_id, now, check_at=now + self._poll_gap())
@@ -274,6 +293,23 @@ class BatchRun:
                 raise ServerError(f"{s.client.label} stored the upload of {name} as {value!r}, "
                                   f"not {UPLOAD_SUBFOLDER}/{name}")
             s.uploaded.add(name)
+
+    def _check_stuck(self) -> None:
+        """Drop a server whose prompt of ours has run (or waited) past ``row_timeout``: it accepted the row and
+        never finished it. Its rows go back to the queue for the other servers; whatever it finishes later is
+        not fetched, so nothing is done twice."""
+        if not self.row_timeout:
+            return
+        now = time.monotonic()
+        for flight in list(self.flights.values()):
+            since = flight.started_at if flight.started_at is not None else flight.submitted
+            s = self.servers[flight.server]
+            if flight.prompt_id not in self.flights or not s.load.alive or now - since <= self.row_timeout:
+                continue
+            state = "running" if flight.started else "queued"
+            self._cancel_on(flight.server, [f for f in self.flights.values() if f.server == flight.server])
+            self._dead(flight.server, f"{flight.job.label} was {state} there for more than {self.row_timeout:g} s "
+                                      "(--row-timeout) without finishing")
 
     def _poll_gap(self) -> float:
         # With the websocket the history is read when a prompt ends; polling stays as a slow safety net.
@@ -304,8 +340,7 @@ class BatchRun:
         flight = self.flights.get(str(data.get("prompt_id"))) if isinstance(data, Mapping) else None
         if flight is None or flight.server != index:
             return
-        if kind in ("execution_start", "executing", "progress") and not flight.started:
-            flight.started = True
+        if kind in ("execution_start", "executing", "progress") and flight.start():
             self.progress.started_job(s.client.label, flight.job.label)
         if kind == "progress":
             self.progress.step(s.client.label, int(data.get("value", 0)), int(data.get("max", 0)))
@@ -440,17 +475,21 @@ class BatchRun:
         for f in self.flights.values():
             by_server.setdefault(f.server, []).append(f)
         for index, flights in by_server.items():
-            s = self.servers[index]
-            if not s.load.alive:
-                continue
-            try:
-                running, _pending = s.client.queue()
-                s.client.delete_queued(f.prompt_id for f in flights if f.prompt_id not in running)
-                for f in flights:
-                    if f.prompt_id in running:
-                        s.client.interrupt(f.prompt_id)
-            except (ServerUnreachable, ServerError):
-                pass
+            self._cancel_on(index, flights)
+
+    def _cancel_on(self, index: int, flights: Sequence[_Flight]) -> None:
+        """Best effort: delete ``flights`` from server ``index``'s queue, interrupt the one running there."""
+        s = self.servers[index]
+        if not s.load.alive:
+            return
+        try:
+            running, _pending = s.client.queue()
+            s.client.delete_queued(f.prompt_id for f in flights if f.prompt_id not in running)
+            for f in flights:
+                if f.prompt_id in running:
+                    s.client.interrupt(f.prompt_id)
+        except (ServerUnreachable, ServerError):
+            pass
 
 
 def _execution_seconds(entry: Mapping[str, Any]) -> float | None:
