@@ -120,9 +120,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                         help="HTTP timeout for one request (default 30)")
     parser.add_argument("--row-timeout", type=float, default=ROW_TIMEOUT_S, metavar="SECONDS",
-                        help="a prompt that has run (or waited in the queue) this long without finishing counts as "
-                             "stuck: its server is dropped for the rest of the run and its rows go to the other "
-                             f"servers (default {ROW_TIMEOUT_S:g}; 0 waits forever)")
+                        help="a prompt that has run this long without finishing (or waited in the queue this long "
+                             "while nothing of ours started or finished there) counts as stuck: its server is "
+                             "dropped for the rest of the run and its rows go to the other servers "
+                             f"(default {ROW_TIMEOUT_S:g}; 0 waits forever)")
     parser.add_argument("--dry-run", action="store_true",
                         help="check everything, print where each column goes and the first prompt, queue nothing")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress, only problems and the summary")

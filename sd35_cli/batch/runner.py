@@ -127,6 +127,7 @@ class _Server:
     failures: int = 0
     first_failure: float = 0.0
     refused_submits: int = 0  # POST /prompt failures in a row (a server can answer /queue and still fail those)
+    last_activity: float = 0.0  # when a prompt of ours last started or finished there
     next_refresh: float = 0.0
     queued: set[str] = field(default_factory=set)  # prompt ids in its queue at the last refresh
 
@@ -234,6 +235,7 @@ class BatchRun:
                 if f.prompt_id not in s.queued:
                     f.check_at = min(f.check_at, now)  # left the queue: finished (or lost), look now
                 elif f.prompt_id in running and f.start():
+                    s.last_activity = now
                     self.progress.started_job(s.client.label, f.job.label)
 
     def _dispatch(self) -> None:
@@ -295,15 +297,17 @@ class BatchRun:
             s.uploaded.add(name)
 
     def _check_stuck(self) -> None:
-        """Drop a server whose prompt of ours has run (or waited) past ``row_timeout``: it accepted the row and
-        never finished it. Its rows go back to the queue for the other servers; whatever it finishes later is
-        not fetched, so nothing is done twice."""
+        """Drop a server whose prompt of ours has run past ``row_timeout``, or has waited in its queue that long
+        while nothing of ours started or finished there: it accepted the row and does not get to it. Its rows go
+        back to the queue for the other servers; whatever it finishes later is not fetched, so nothing is done
+        twice."""
         if not self.row_timeout:
             return
         now = time.monotonic()
         for flight in list(self.flights.values()):
-            since = flight.started_at if flight.started_at is not None else flight.submitted
             s = self.servers[flight.server]
+            # A queued row waits for the one ahead of it: its clock runs from the server's last sign of life.
+            since = flight.started_at if flight.started_at is not None else max(flight.submitted, s.last_activity)
             if flight.prompt_id not in self.flights or not s.load.alive or now - since <= self.row_timeout:
                 continue
             state = "running" if flight.started else "queued"
@@ -341,6 +345,7 @@ class BatchRun:
         if flight is None or flight.server != index:
             return
         if kind in ("execution_start", "executing", "progress") and flight.start():
+            s.last_activity = time.monotonic()
             self.progress.started_job(s.client.label, flight.job.label)
         if kind == "progress":
             self.progress.step(s.client.label, int(data.get("value", 0)), int(data.get("max", 0)))
@@ -377,6 +382,7 @@ class BatchRun:
 
     def _complete(self, flight: _Flight, entry: Mapping[str, Any]) -> None:
         s = self.servers[flight.server]
+        s.last_activity = time.monotonic()
         seconds = _execution_seconds(entry)
         if seconds is None:
             seconds = time.monotonic() - flight.submitted
