@@ -37,6 +37,7 @@ class ControlSpec:
     end: float
     control_type: str  # "auto" (from the file), "canny", "blur" or "depth"
     invert: bool | str  # depth maps: False, True or "auto"
+    resize_mode: str = "crop"  # another aspect ratio than the generation: crop, stretch or pad (sd35_core.fit)
 
 
 def make_conditioning(context: torch.Tensor, pooled: torch.Tensor) -> list:

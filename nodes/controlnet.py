@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..sd35_core import preprocess
 from ..sd35_core.controlnet import CONTROL_TYPES
+from ..sd35_core.fit import DEFAULT_RESIZE_MODE, RESIZE_MODES
 from .conditioning import ControlSpec, attach_control
 from .latent_vae import NO_VAE
 from .objects import SD35VAE, SD35ControlNet, require, require_type
@@ -26,7 +27,8 @@ class SD35ControlNetApply:
                 "control_net": ("SD35_CONTROLNET", {"tooltip": "The ControlNet from SD35 ControlNet Loader."}),
                 "vae": ("SD35_VAE", {"tooltip": "The SD3 VAE, to encode the control image."}),
                 "image": ("IMAGE", {"tooltip": "The control image: canny edges, a blurred image or a depth map "
-                                               "(see the SD35 preprocessors). It is resized to the generation size."}),
+                                               "(see the SD35 preprocessors). It is fitted to the generation size "
+                                               "(resize_mode)."}),
                 "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01,
                                        "tooltip": "How strongly the ControlNet steers; 0 turns it off."}),
                 "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
@@ -46,6 +48,12 @@ class SD35ControlNetApply:
                                "reference feeds as given; Depth Anything and MiDaS draw near = bright. auto inverts "
                                "a map whose lower part (usually the ground, near) is brighter than its top, so both "
                                "kinds come out right; off and on force it."}),
+                "resize_mode": (list(RESIZE_MODES), {
+                    "default": DEFAULT_RESIZE_MODE,
+                    "tooltip": "For a control image of another aspect ratio than the generation: crop cuts its "
+                               "middle to the aspect first (as ImageScale crop=center), stretch resizes it "
+                               "regardless (the reference), pad fits it whole with black bars. The console says "
+                               "what was done."}),
             },
         }
 
@@ -58,7 +66,7 @@ class SD35ControlNetApply:
     DESCRIPTION = ("Attaches an SD3.5 ControlNet to the conditioning; SD35 Sampler runs it. Several can be chained.")
 
     def apply(self, positive, negative, control_net, vae, image, strength, start_percent, end_percent,
-              control_type: str = "auto", depth_invert: str = "auto"):
+              control_type: str = "auto", depth_invert: str = "auto", resize_mode: str = DEFAULT_RESIZE_MODE):
         control_net = require_type(control_net, SD35ControlNet, "control_net", NODE)
         require(vae, "vae", NODE, NO_VAE)
         vae = require_type(vae, SD35VAE, "vae", NODE)
@@ -67,6 +75,8 @@ class SD35ControlNetApply:
                              f"got {control_type!r}")
         if depth_invert not in DEPTH_INVERT:
             raise ValueError(f"{NODE}: depth_invert: expected one of {', '.join(DEPTH_INVERT)}; got {depth_invert!r}")
+        if resize_mode not in RESIZE_MODES:
+            raise ValueError(f"{NODE}: resize_mode: expected one of {', '.join(RESIZE_MODES)}; got {resize_mode!r}")
         if not 0.0 <= start_percent <= end_percent <= 1.0:
             raise ValueError(f"{NODE}: expected 0 <= start_percent <= end_percent <= 1; got {start_percent}, "
                              f"{end_percent}")
@@ -75,7 +85,7 @@ class SD35ControlNetApply:
         if strength == 0:
             return (positive, negative)
         spec = ControlSpec(control_net, vae, image[..., :3], float(strength), float(start_percent),
-                           float(end_percent), control_type, DEPTH_INVERT[depth_invert])
+                           float(end_percent), control_type, DEPTH_INVERT[depth_invert], resize_mode)
         return (attach_control(positive, spec), attach_control(negative, spec))
 
 

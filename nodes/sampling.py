@@ -79,7 +79,8 @@ def build_hints(specs: list[ControlSpec], model: SD35Model, latent: torch.Tensor
         if spec.image.shape[0] not in (1, b):
             raise ValueError(f"{NODE}: the control image batch ({spec.image.shape[0]}) must be 1 or the latent "
                              f"batch ({b})")
-        pixels = prepare_control_image(spec.image, w * 8, h * 8, kind, spec.invert, path=path)
+        pixels = prepare_control_image(spec.image, w * 8, h * 8, kind, spec.invert, path=path,
+                                       resize_mode=spec.resize_mode)
         spec.vae.managed.load()
         with torch.no_grad():
             cond_latent = process_in(spec.vae.vae.encode(pixels))

@@ -37,6 +37,7 @@ from torch import nn
 
 from . import ops
 from .checkpoint import CheckpointError
+from .fit import Fit, fit_image
 from .mmditx import DismantledBlock, MMDiTConfig, MMDiTX, PatchEmbed, TimestepEmbedder, VectorEmbedder
 
 log = logging.getLogger(__name__)
@@ -397,6 +398,20 @@ def _resize_lanczos(image: torch.Tensor, width: int, height: int) -> torch.Tenso
     return torch.from_numpy(np.ascontiguousarray(out))
 
 
+def _fit_tensor(img: torch.Tensor, fit: Fit) -> torch.Tensor:
+    """``[H, W, 3]`` fitted into the frame as ``fit`` says (crop box, LANCZOS resize, black padding)."""
+    left, top, right, bottom = fit.crop
+    img = img[top:bottom, left:right]
+    if (img.shape[1], img.shape[0]) != fit.size:
+        img = _resize_lanczos(img, *fit.size)
+    if fit.size == fit.frame:
+        return img
+    canvas = torch.zeros(fit.frame[1], fit.frame[0], 3, dtype=img.dtype, device=img.device)
+    x, y = fit.offset
+    canvas[y:y + fit.size[1], x:x + fit.size[0]] = img
+    return canvas
+
+
 def prepare_control_image(
     image: torch.Tensor,
     width: int,
@@ -405,12 +420,15 @@ def prepare_control_image(
     invert: bool | Literal["auto"] = False,
     *,
     path: ControlPath = PATH_8B,
+    resize_mode: str = "stretch",
 ) -> torch.Tensor:
     """Turn a control ``IMAGE`` ``[B, H, W, 3]`` (0..1) into the VAE input ``[B, 3, height, width]``.
 
-    As the reference's ``_image_to_latent``/``vae_encode``: resize to ``width`` x ``height`` with LANCZOS,
-    then scale per type: canny ``x*255*0.5+0.5`` (what the canny ControlNet was trained on), blur and depth
-    ``2x-1``; the 2b path always ``2x-1``.
+    As the reference's ``_image_to_latent``/``vae_encode``: resize to ``width`` x ``height`` with LANCZOS
+    (``resize_mode`` says how an image of another aspect ratio is fitted, see :mod:`.fit`: ``stretch`` as
+    the reference by default; the node and the CLI default to ``crop``; the log says what was done), then
+    scale per type: canny ``x*255*0.5+0.5`` (what the canny ControlNet was trained on),
+    blur and depth ``2x-1``; the 2b path always ``2x-1``.
 
     ``invert`` maps depth ``x -> 1 - x`` first. The SD3.5 depth ControlNet takes near = dark (the depth map
     shipped with it, ``shared/images/depth.png``, has dark foreground and bright sky, and the reference feeds
@@ -419,7 +437,7 @@ def prepare_control_image(
     as given (reference), ``True`` inverts, ``"auto"`` inverts each map whose foreground is bright according
     to :func:`sd35_core.preprocess.depth_near_is_bright`.
     """
-    from .preprocess import depth_near_is_bright  # local: preprocess imports nothing from here either way
+    from .preprocess import depth_map_problem, depth_near_is_bright  # local: preprocess imports nothing from here
 
     kind = _control_type_name(control_type)
     if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] != 3:
@@ -435,10 +453,17 @@ def prepare_control_image(
     if path not in (PATH_8B, PATH_2B):
         raise ValueError(f"path: expected '8b' or '2b'; got {path!r}")
 
+    fit = fit_image((image.shape[2], image.shape[1]), (width, height), resize_mode)
+    if fit.changes_aspect:
+        log.info("control image %s (resize_mode %s)", fit.describe(), resize_mode)
+    if kind == "depth":
+        problem = depth_map_problem(image[..., :3])
+        if problem:
+            log.warning("control image for the depth ControlNet: %s", problem)
     out = []
     for img in image.float().clamp(0.0, 1.0):
         if (img.shape[0], img.shape[1]) != (height, width):
-            img = _resize_lanczos(img, width, height).to(image.device)
+            img = _fit_tensor(img, fit).to(image.device)
         if kind == "depth" and (invert is True or (invert == "auto" and depth_near_is_bright(img[None]))):
             img = 1.0 - img
         out.append(img)

@@ -196,3 +196,23 @@ def depth_near_is_bright(image: torch.Tensor) -> bool:
         raise ValueError(f"depth map: expected an image of at least 3 rows, got shape {tuple(image.shape)}")
     third = d.shape[0] // 3
     return bool(d[-third:].mean() > d[:third].mean())
+
+
+# A grey picture's channels agree to within JPEG chroma noise; a photo's differ by far more on average.
+DEPTH_CHANNEL_SPREAD = 0.04
+
+
+def depth_map_problem(image: torch.Tensor) -> str | None:
+    """Why ``image`` (``[B, H, W, 3]`` or ``[H, W, 3]``, 0..1) does not look like a depth map, or ``None``.
+
+    Depth maps are grey: all three channels equal. A colour photo (mean spread between the largest and
+    smallest channel above :data:`DEPTH_CHANNEL_SPREAD`) fed to the depth ControlNet steers it with
+    colours it reads as distances.
+    """
+    x = image.float()
+    spread = float((x.amax(-1) - x.amin(-1)).mean())
+    if spread <= DEPTH_CHANNEL_SPREAD:
+        return None
+    return (f"it does not look like a depth map: its three colour channels differ (mean spread {spread:.2f}; a "
+            "depth map is grey). It is used as it is; make a depth map first (a depth estimator such as Depth "
+            "Anything or MiDaS)")

@@ -548,7 +548,8 @@ def controlnet(name: str, control: str, title: str) -> Workflow:
     node_type, node_title, values, how = PREPROCESSORS[control]
     wf = Workflow(name)
     extra = (f"Control image: put it in ComfyUI's input folder and pick it in Load control image (the workflow "
-             f"names {IMAGE_NAME}). {how} It is resized to the generation size.")
+             f"names {IMAGE_NAME}). {how} It is fitted to the generation size by Apply ControlNet's "
+             f"resize_mode (crop: its middle at the generation's aspect ratio).")
     source = Column(wf, 0, 360)
     image = source.add("LoadImage", HEIGHTS["LoadImage"], title="Load control image", image=IMAGE_NAME,
                        upload="image")
@@ -567,7 +568,8 @@ def controlnet(name: str, control: str, title: str) -> Workflow:
     latent = _size(prompt, ckpt)
     sample = prompt.next(340)
     apply = sample.add("SD35ControlNetApply", HEIGHTS["SD35ControlNetApply"], title="Apply ControlNet",
-                       strength=1.0, start_percent=0.0, end_percent=1.0, control_type=control, depth_invert="auto")
+                       strength=1.0, start_percent=0.0, end_percent=1.0, control_type=control, depth_invert="auto",
+                       resize_mode="crop")
     for source_node, out, inp in ((pos, "conditioning", "positive"), (neg, "conditioning", "negative"),
                                   (cn_loader, "control_net", "control_net"), (ckpt, "vae", "vae"),
                                   (prep, "image", "image")):

@@ -23,7 +23,8 @@ ENGINES = ("comfyui", "ray")
 # --verbose (the batch's own), --out_dir/--postfix/--seed_type/--save_latent/--json (the batch decides those).
 RAY_GENERATE_OPTIONS = (
     "model", "model_folder", "vae", "clip_l", "clip_g", "t5xxl", "tokenizers", "comfyui", "controlnet_ckpt",
-    "controlnet_cond_image", "controlnet_strength", "controlnet_preprocess", "init_image", "denoise", "dtype",
+    "controlnet_cond_image", "controlnet_strength", "controlnet_preprocess", "init_image", "denoise", "resize_mode",
+    "dtype",
     "device", "text_encoder_device", "lora", "negative_prompt", "sampler", "steps", "cfg", "shift", "width",
     "height", "skip_layer_cfg", "slg_layers", "slg_scale", "slg_start", "slg_end", "slg_window", "mask",
     "grow_mask", "mask_mode", "cache_threshold", "compile",

@@ -90,7 +90,7 @@ def noise_mask_of(opts: GenerateOptions, say: Callable[[str], None]) -> torch.Te
     """``--mask`` as the sampler's noise mask at the image size (grown by ``--grow_mask``), or ``None``."""
     if not opts.mask:
         return None
-    noise_mask = load_noise_mask(opts.mask, opts.width, opts.height, opts.grow_mask)
+    noise_mask = load_noise_mask(opts.mask, opts.width, opts.height, opts.grow_mask, opts.resize_mode)
     if not noise_mask.any():
         say(f"note: --mask {opts.mask} is black (nothing to repaint): the result is the init image")
     return noise_mask

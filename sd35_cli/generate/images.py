@@ -13,11 +13,28 @@ from .models import LoadedModels
 from .options import GenerateOptions, stem
 
 
-def load_image_resized(path: str, width: int, height: int) -> Image.Image:
-    """Open ``path`` and resize it to ``width`` x ``height`` with LANCZOS, then RGB (the reference's order)."""
+def load_image_resized(path: str, width: int, height: int, mode: str = "stretch",
+                       say: Callable[[str], None] = lambda s: None, what: str = "image") -> Image.Image:
+    """Open ``path`` and fit it to ``width`` x ``height`` with LANCZOS, then RGB (the reference's order).
+
+    ``mode`` (:mod:`sd35_core.fit`) says what happens to another aspect ratio: ``stretch`` as the reference,
+    ``crop`` the middle first, ``pad`` with black; a note to ``say`` tells what was done. At the output's
+    aspect ratio every mode is the reference's plain resize, bit for bit.
+    """
+    from sd35_core.fit import fit_image
+
     with Image.open(path) as img:
         img.load()
-        return img.resize((width, height), Image.LANCZOS).convert("RGB")
+        fit = fit_image(img.size, (width, height), mode)
+        if fit.changes_aspect:
+            say(f"note: --{what} {path}: {fit.describe()} (--resize_mode {mode})")
+        part = img if fit.crop == (0, 0, *img.size) else img.crop(fit.crop)
+        part = part.resize(fit.size, Image.LANCZOS).convert("RGB")
+    if fit.size == fit.frame:
+        return part
+    canvas = Image.new("RGB", fit.frame)
+    canvas.paste(part, fit.offset)
+    return canvas
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
@@ -32,21 +49,25 @@ def encode_image(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
         return vae.encode(pixels).float().cpu()
 
 
-def init_latent(vae: Any, path: str, width: int, height: int) -> torch.Tensor:
+def init_latent(vae: Any, path: str, width: int, height: int, mode: str = "stretch",
+                say: Callable[[str], None] = lambda s: None) -> torch.Tensor:
     """``--init_image`` as a raw VAE-space latent ``[1, 16, h, w]`` (pixels ``2x-1``, VAE mean)."""
     # Contiguous NCHW as the reference builds it (layout can change which convolution kernel runs).
-    x = pil_to_tensor(load_image_resized(path, width, height)).permute(0, 3, 1, 2).contiguous()
+    image = load_image_resized(path, width, height, mode, say, "init_image")
+    x = pil_to_tensor(image).permute(0, 3, 1, 2).contiguous()
     return encode_image(vae, x * 2.0 - 1.0)
 
 
-def load_noise_mask(path: str, width: int, height: int, grow: int) -> torch.Tensor:
+def load_noise_mask(path: str, width: int, height: int, grow: int, mode: str = "stretch") -> torch.Tensor:
     """``--mask`` as a ``[1, 1, height, width]`` mask (1 = repaint), resized bilinearly to the image, grown.
 
-    The init image is resized to the whole ``width`` x ``height`` frame, so the mask is too; ``UsageError``
-    naming the file when it cannot be read.
+    The mask is fitted to the ``width`` x ``height`` frame with the init image's ``mode`` (cropped, stretched
+    or padded the same way, padding kept), so it stays on the same pixels; ``UsageError`` naming the file
+    when it cannot be read.
     """
     import torch.nn.functional as F
 
+    from sd35_core.fit import fit_image
     from sd35_core.mask import grow_mask, load_mask
 
     from ..main import UsageError
@@ -56,7 +77,12 @@ def load_noise_mask(path: str, width: int, height: int, grow: int) -> torch.Tens
     except ValueError as e:
         raise UsageError(f"--{e}") from None
     if tuple(mask.shape[-2:]) != (height, width):
-        mask = F.interpolate(mask, size=(height, width), mode="bilinear")
+        fit = fit_image((mask.shape[-1], mask.shape[-2]), (width, height), mode)
+        left, top, right, bottom = fit.crop
+        mask = F.interpolate(mask[..., top:bottom, left:right], size=(fit.size[1], fit.size[0]), mode="bilinear")
+        if fit.size != fit.frame:
+            x, y = fit.offset
+            mask = F.pad(mask, (x, width - fit.size[0] - x, y, height - fit.size[1] - y))
     return grow_mask(mask, grow).round() if grow else mask
 
 
@@ -73,14 +99,15 @@ def control_type_of(loaded: LoadedModels, opts: GenerateOptions) -> str:
 
 
 def control_image(
-    loaded: LoadedModels, opts: GenerateOptions, width: int, height: int
+    loaded: LoadedModels, opts: GenerateOptions, width: int, height: int, say: Callable[[str], None] = lambda s: None
 ) -> tuple[torch.Tensor, Image.Image]:
     """The control image as the VAE input ``[1, 3, H, W]`` and as the picture the ControlNet sees."""
     from sd35_core.controlnet import prepare_control_image
     from sd35_core.preprocess import blur, canny
 
     kind = control_type_of(loaded, opts)
-    image = pil_to_tensor(load_image_resized(opts.controlnet_cond_image, width, height))
+    image = pil_to_tensor(load_image_resized(opts.controlnet_cond_image, width, height, opts.resize_mode, say,
+                                             "controlnet_cond_image"))
     pre = opts.controlnet_preprocess
     if pre == "auto":
         pre = kind if kind in ("canny", "blur") else "none"
@@ -113,12 +140,12 @@ def encode_inputs(
     init = None
     if opts.init_image:
         say("Encoding init image...")
-        init = init_latent(loaded.vae, opts.init_image, opts.width, opts.height)
+        init = init_latent(loaded.vae, opts.init_image, opts.width, opts.height, opts.resize_mode, say)
     controls = []
     shown = None
     if loaded.controlnet is not None:
         say("Encoding control image...")
-        pixels, shown = control_image(loaded, opts, opts.width, opts.height)
+        pixels, shown = control_image(loaded, opts, opts.width, opts.height, say)
         cond_latent = process_in(encode_image(loaded.vae, pixels))
         controls.append(ControlHint(loaded.controlnet, cond_latent, strength=opts.controlnet_strength))
     return init, controls, shown

@@ -15,6 +15,7 @@ import re
 from collections.abc import Collection
 from dataclasses import dataclass
 
+from sd35_core.fit import DEFAULT_RESIZE_MODE, RESIZE_MODES
 from sd35_core.mask import MASK_MODES
 from sd35_core.samplers import SAMPLERS
 
@@ -39,6 +40,8 @@ Where this differs from the reference, on purpose:
   * Values are parsed per option (like python-fire: True/False, numbers, None), not as python literals:
     --prompt 123 is the prompt "123".
   * An existing output folder is an error, as in the reference (choose another --postfix).
+  * An --init_image or --controlnet_cond_image of another aspect ratio is center-cropped to the output's
+    aspect before resizing (--resize_mode crop, with a note); the reference stretches it: --resize_mode stretch.
 Beyond the reference: explicit SLG parameters (--slg_*), text encoder files (--clip_l, --clip_g, --t5xxl;
 --t5xxl none runs without T5), tokenizer files (--tokenizers, --comfyui or COMFYUI_PATH), --device, --dtype,
 --save_latent, --json, --negative_prompt, ControlNet strength and image preprocessing, and inpainting:
@@ -282,6 +285,11 @@ def _add_options(ref, ext) -> None:
     _opt(ext, "controlnet_preprocess", choices=("none", "auto", "canny", "blur"),
          help="none: the control image is used as given (default, as the reference); auto: canny edges or "
               "blur chosen by the ControlNet's type; canny/blur: that preprocessor")
+    _opt(ext, "resize_mode", choices=RESIZE_MODES,
+         help="--init_image / --controlnet_cond_image (and --mask) of another aspect ratio than --width x "
+              "--height: crop cuts the middle at the output's aspect first (default, as ComfyUI's ImageScale "
+              "crop=center), stretch resizes regardless (the reference), pad fits the whole image with black "
+              "bars; a note says what was done")
     _opt(ext, "mask", type=parse_optional_str, metavar="MASK.png",
          help="with --init_image: repaint only where the mask is white (or where the image is transparent), "
               "keeping the rest of the init image, as ComfyUI's noise-mask sampling; resized to the image")
@@ -349,6 +357,7 @@ class GenerateOptions:
     lora: tuple[LoraSpec, ...] = ()
     controlnet_strength: float = 1.0
     controlnet_preprocess: str = "none"
+    resize_mode: str = DEFAULT_RESIZE_MODE
     mask: str | None = None
     grow_mask: int = 0
     mask_mode: str = "standard"

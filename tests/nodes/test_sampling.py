@@ -289,6 +289,32 @@ def test_depth_normalize_leaves_orientation_to_apply_controlnet_and_its_old_inve
         run_node("SD35DepthNormalize", image=depth_raw, invert="yes")
 
 
+def test_apply_controlnet_fits_a_control_image_of_another_aspect_by_resize_mode(node_classes, run_node, parts):
+    optional = list(node_classes["SD35ControlNetApply"].INPUT_TYPES()["optional"])
+    assert optional[-1] == "resize_mode"  # appended: saved workflows' widget values keep their places
+    assert node_classes["SD35ControlNetApply"].INPUT_TYPES()["optional"]["resize_mode"][1]["default"] == "crop"
+    model, vae, pos, neg = parts
+    (cn,) = run_node("SD35ControlNetLoader", model=model,
+                     control_net_name="tiny-sd3.5_large_controlnet_canny.safetensors")
+    wide = torch.rand(1, SIZE, 3 * SIZE, 3, generator=torch.Generator().manual_seed(8))
+    common = dict(positive=pos, negative=neg, control_net=cn, vae=vae, strength=1.0, start_percent=0.0,
+                  end_percent=1.0)
+    (latent,) = run_node("SD35EmptyLatent", width=SIZE, height=SIZE, batch_size=1)
+
+    def sample(image, **mode):
+        cpos, cneg = run_node("SD35ControlNetApply", image=image, **common, **mode)
+        (out,) = run_node("SD35Sampler", model=model, positive=cpos, negative=cneg, latent=latent,
+                          **sampler_inputs(steps=1))
+        return out["samples"]
+
+    old_workflow = sample(wide)  # no resize_mode input: crop
+    assert torch.equal(old_workflow, sample(wide[:, :, SIZE:2 * SIZE].contiguous()))  # the middle third
+    assert not torch.equal(sample(wide, resize_mode="pad"), old_workflow)
+    assert not torch.equal(sample(wide, resize_mode="stretch"), old_workflow)
+    with pytest.raises(ValueError, match="resize_mode: expected one of crop, stretch, pad"):
+        run_node("SD35ControlNetApply", image=wide, **common, resize_mode="fill")
+
+
 def test_cache_threshold_is_an_optional_input_that_reaches_the_request(run_node, parts, caplog):
     import logging
 
