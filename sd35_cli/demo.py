@@ -44,7 +44,8 @@ then, for example:
   sd35 generate --model ComfyUI/models/checkpoints/sd3.5_medium.safetensors \\
       --model_folder ComfyUI/models/text_encoders --comfyui ComfyUI --skip_layer_cfg \\
       --prompt "a photo of a cat" --width 1024 --height 1024
-(--comfyui, or COMFYUI_PATH, finds the tokenizer files ComfyUI bundles; --tokenizers DIR works too.)"""
+(--comfyui PATH, or COMFYUI_PATH, finds the tokenizer files ComfyUI bundles; --tokenizers DIR takes a folder
+with clip/ and t5/tokenizer.json. The demo's own tokenizers fit only its tiny models.)"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

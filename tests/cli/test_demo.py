@@ -62,3 +62,33 @@ def test_demo_files_follow_the_users_umask(tmp_path, monkeypatch, capsys):
              for d, _, files in os.walk(tmp_path / "demo") for f in files}
     assert any(p.endswith(".safetensors") for p in modes)
     assert {p: m for p, m in modes.items() if m != 0o644} == {}
+
+
+def test_the_printed_real_weights_command_runs_as_printed(tmp_path, monkeypatch, capsys, tiny_models):
+    """The 'then, for example' command, in a folder holding a ComfyUI (tiny files under the real names, the
+    real tokenizer files where ComfyUI bundles them); only the size and steps are added for the tiny model."""
+    import shlex
+    import shutil
+
+    from sd35_cli.demo import REAL_WEIGHTS
+    from tests.conftest import TOKENIZERS
+
+    lines = REAL_WEIGHTS.split("then, for example:\n", 1)[1].splitlines()
+    lines = lines[:next(i for i, line in enumerate(lines) if not line.rstrip().endswith("\\")) + 1]
+    command = " ".join(line.rstrip("\\").strip() for line in lines)
+    args = shlex.split(command)
+    assert args[0] == "sd35"
+    comfy = tmp_path / "ComfyUI"
+    (comfy / "models" / "checkpoints").mkdir(parents=True)
+    (comfy / "models" / "text_encoders").mkdir(parents=True)
+    shutil.copy(tiny_models.checkpoints["sd3.5_medium"], comfy / "models" / "checkpoints" / "sd3.5_medium.safetensors")
+    for role, name in (("clip_l", "clip_l"), ("clip_g", "clip_g"), ("t5xxl", "t5xxl_fp16")):
+        shutil.copy(tiny_models.text_encoders[role], comfy / "models" / "text_encoders" / f"{name}.safetensors")
+    shutil.copytree(os.path.join(TOKENIZERS, "clip"), comfy / "comfy" / "sd1_tokenizer")
+    (comfy / "comfy" / "text_encoders" / "t5_tokenizer").mkdir(parents=True)
+    shutil.copy(os.path.join(TOKENIZERS, "t5", "tokenizer.json"), comfy / "comfy" / "text_encoders" / "t5_tokenizer")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    assert main(args[1:] + ["--width", "64", "--height", "64", "--steps", "1", "--device", "cpu"]) == 0, \
+        capsys.readouterr().err
+    assert list((tmp_path / "outputs" / "sd3.5_medium").glob("*/000000.png"))
