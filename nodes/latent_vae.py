@@ -9,7 +9,8 @@ import torch
 from ..sd35_core.mask import prepare_inpaint
 from ..sd35_core.vae import image_to_vae_input, vae_output_to_image
 from . import host
-from .objects import SD35VAE, SD35Model, require, require_type
+from .model_input import MODEL_TYPES, diffusion_input
+from .objects import SD35VAE, require, require_type
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,8 @@ class SD35EmptyLatent:
                                        "tooltip": "Number of images generated together."}),
             },
             "optional": {
-                "model": ("SD35_MODEL", {"tooltip": "Optional: check the size against this model's largest "
-                                                    "supported size now rather than at sampling time."}),
+                "model": (MODEL_TYPES, {"tooltip": "Optional: check the size against this model's largest "
+                                                   "supported size now rather than at sampling time."}),
             },
         }
 
@@ -78,7 +79,7 @@ class SD35EmptyLatent:
                 raise ValueError(f"SD35 Empty Latent: {name} {v} is not a positive multiple of {SIZE_STEP} pixels "
                                  "(SD3 models work on 16-pixel patches)")
         if model is not None:
-            require_type(model, SD35Model, "model", "SD35 Empty Latent").config.check_image_size(width, height)
+            diffusion_input(model, "SD35 Empty Latent").config.check_image_size(width, height)
         samples = torch.zeros((batch_size, LATENT_CHANNELS, height // 8, width // 8), dtype=torch.float32)
         return ({"samples": samples},)
 

@@ -32,7 +32,8 @@ from ..sd35_core.loader import (
 )
 from ..sd35_core.text_roles import role_default
 from . import host
-from .objects import SD35VAE, SD35Clip, SD35ControlNet, SD35Model, require_type
+from .model_input import MODEL_TYPES, diffusion_input
+from .objects import SD35VAE, SD35Clip, SD35ControlNet, SD35Model
 
 log = logging.getLogger(__name__)
 
@@ -327,8 +328,9 @@ class SD35ControlNetLoader:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("SD35_MODEL", {"tooltip": "The diffusion model the ControlNet will steer (SD3.5 Large for "
-                                                    "the released ControlNets); the loader checks that they fit."}),
+                "model": (MODEL_TYPES, {"tooltip": "The diffusion model the ControlNet will steer (SD3.5 Large for "
+                                                   "the released ControlNets; an SD35 model or a ComfyUI SD3 "
+                                                   "MODEL); the loader checks that they fit."}),
                 "control_net_name": (host.list_models("controlnet"), {
                     "tooltip": "An SD3.5 ControlNet .safetensors file from the controlnet folder "
                                "(Stability's release layout)."}),
@@ -352,7 +354,7 @@ class SD35ControlNetLoader:
         return _mtime_token("controlnet", control_net_name)
 
     def load(self, model, control_net_name: str, weight_dtype: str = "default"):
-        model = require_type(model, SD35Model, "model", "SD35 ControlNet Loader")
+        model = diffusion_input(model, "SD35 ControlNet Loader")
         path = host.resolve_model("controlnet", control_net_name)
         device = model.device
         dtype = resolve_weight_dtype(weight_dtype, device)
@@ -360,7 +362,7 @@ class SD35ControlNetLoader:
         key = (file_key(path), dtype, str(device), model.config)
 
         def _load():
-            cn = load_controlnet(path, model.diffusion, dtype, host.offload_device())
+            cn = load_controlnet(path, model, dtype, host.offload_device())  # checked against model.config
             return SD35ControlNet(cn, host.ManagedModule(cn, device), path)
 
         cn = self._cache.get(key, _load)

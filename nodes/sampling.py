@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import replace
 
@@ -10,7 +11,6 @@ import torch.nn.functional as F
 
 from ..sd35_core import pipeline
 from ..sd35_core.controlnet import ControlHint, check_controlnet_fits, prepare_control_image
-from ..sd35_core.defaults import defaults_for
 from ..sd35_core.guidance import CondEntry
 from ..sd35_core.latent import process_in
 from ..sd35_core.mask import MASK_MODES, latent_mask
@@ -20,7 +20,8 @@ from ..sd35_core.schedule import SCHEDULES
 from . import host
 from .conditioning import ControlSpec, to_entries
 from .lora import lora_context
-from .objects import SD35Model, require_type
+from .model_input import MODEL_TYPES, compute_dtype, default_shift, diffusion_input, load_for_sampling
+from .objects import SD35Model
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def parse_layers(text: str) -> tuple[int, ...]:
     return tuple(layers)
 
 
-def pad_context(entries: list[CondEntry], model: SD35Model) -> list[CondEntry]:
+def pad_context(entries: list[CondEntry], model) -> list[CondEntry]:
     """Zero-pad narrower contexts (CLIP-only encodings, made without T5) to the model's context width.
 
     The reference pads the CLIP states to the T5 width with zeros and uses zeros for a missing T5, so this
@@ -54,16 +55,22 @@ def pad_context(entries: list[CondEntry], model: SD35Model) -> list[CondEntry]:
     return out
 
 
-def model_memory_estimate(model: SD35Model, latent: torch.Tensor, rows_per_image: int) -> int:
+def model_memory_estimate(model, latent: torch.Tensor, rows_per_image: int) -> int:
     """Rough activation memory of one sampling step, so ComfyUI keeps that much free next to the weights."""
     cfg = model.config
     b, _, h, w = latent.shape
     tokens = (h // cfg.patch_size) * (w // cfg.patch_size) + 333
-    itemsize = torch.empty((), dtype=model.mmdit.compute_dtype).element_size()
+    itemsize = torch.empty((), dtype=compute_dtype(model)).element_size()
     return int(b * rows_per_image * tokens * cfg.hidden_size * itemsize * 16)
 
 
-def build_hints(specs: list[ControlSpec], model: SD35Model, latent: torch.Tensor) -> list[ControlHint]:
+def _with_loras(model, runner):
+    """Our LoRA stack (SD35 LoRA Loader), merged for this run and undone after it; a native MODEL's LoRAs are
+    already in its weights."""
+    return lora_context(model, runner) if isinstance(model, SD35Model) else contextlib.nullcontext(runner)
+
+
+def build_hints(specs: list[ControlSpec], model, latent: torch.Tensor) -> list[ControlHint]:
     """Encode each attached control image at the generation size and make the sampler's hints."""
     hints = []
     b, _, h, w = latent.shape
@@ -97,7 +104,9 @@ class SD35Sampler:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("SD35_MODEL", {"tooltip": "The diffusion model from SD35 Checkpoint Loader."}),
+                "model": (MODEL_TYPES, {"tooltip": "The diffusion model: from SD35 Checkpoint Loader, or a "
+                                                   "ComfyUI SD3 / SD3.5 MODEL (CheckpointLoaderSimple, "
+                                                   "UNETLoader, GGUF loaders, after LoRA loaders)."}),
                 "positive": ("CONDITIONING", {"tooltip": "What the image should show (SD35 Text Encode, or "
                                                          "ComfyUI's SD3 text encoding; timestep ranges and combine "
                                                          "are honoured)."}),
@@ -170,7 +179,7 @@ class SD35Sampler:
     def sample(self, model, positive, negative, latent, seed, steps, cfg, sampler, schedule, shift, denoise,
                slg_layers, slg_scale, slg_start, slg_end, slg_window, seed_mode="batch", mask_mode="standard",
                cache_threshold=0.0):
-        model = require_type(model, SD35Model, "model", NODE)
+        model = diffusion_input(model, NODE)
         if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
             raise ValueError(f"{NODE}: the latent input is not a LATENT")
         samples = latent["samples"]
@@ -193,7 +202,7 @@ class SD35Sampler:
             slg = SkipLayerGuidance(layers=layers, scale=slg_scale, start=slg_start, end=slg_end, window=slg_window)
             slg.check_depth(model.config.depth)
         if shift <= 0:
-            shift = defaults_for(model.variant).shift
+            shift = default_shift(model)
 
         hints = build_hints(specs, model, samples) if specs else []
         request = SampleRequest(steps=steps, cfg=cfg, sampler=sampler, schedule=schedule, shift=shift, seed=seed,
@@ -201,21 +210,25 @@ class SD35Sampler:
                                 skip_uncond_at_cfg1=True, noise_mask=noise_mask, mask_mode=mask_mode,
                                 cache_threshold=cache_threshold)
         rows = 2 + (1 if slg is not None else 0)
-        model.managed.load(extra=[s.controlnet.managed for s in specs],
-                           memory_required=model_memory_estimate(model, samples, rows))
+        runner, has_blocks = load_for_sampling(model, [s.controlnet.managed for s in specs],
+                                               model_memory_estimate(model, samples, rows))
+        if not has_blocks:  # a native model running whole passes: no shared SLG prefix, no block-level cache
+            if request.cache_threshold > 0:
+                log.warning("sd35: the step cache needs the block-level model API; it is off for this native MODEL, "
+                            "which runs its own forward pass")
+            request = replace(request, share_slg_prefix=False, cache_threshold=0.0)
         progress = host.Progress(steps, model.device)
 
         def callback(info):
             progress.update(info.index, info.total, info.denoised)
 
         hooks = dict(callback=callback, should_cancel=host.check_interrupt)
-        with lora_context(model, model.mmdit):  # the LoRA stack, merged for this run and undone after it
+        with _with_loras(model, runner):
             if request.denoise == 1.0 and request.noise_mask is None:
                 b, _, h, w = samples.shape
-                out = pipeline.txt2img(model.mmdit, pos, neg, request, width=w * 8, height=h * 8, batch_size=b,
-                                       **hooks)
+                out = pipeline.txt2img(runner, pos, neg, request, width=w * 8, height=h * 8, batch_size=b, **hooks)
             else:  # an image to start from, or a noise mask that keeps part of the latent
-                out = pipeline.img2img(model.mmdit, pos, neg, request, init_latent=samples, **hooks)
+                out = pipeline.img2img(runner, pos, neg, request, init_latent=samples, **hooks)
         result = dict(latent)  # the noise mask stays on the latent, as ComfyUI's KSampler leaves it
         result["samples"] = out.to(device="cpu", dtype=torch.float32)
         return (result,)

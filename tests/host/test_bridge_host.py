@@ -7,14 +7,16 @@ The extra files (a model shape ComfyUI's MMDiT can load, LoRAs and their plain-a
 are described in bridge_models.py.
 """
 
+import json
 import os
+import subprocess
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from .bridge_models import LORA_STRENGTH, BridgeFiles, write_bridge_models
-from .comfyui_server import COMFYUI_PATH, SHARED, start_server
+from .comfyui_server import COMFYUI_PATH, SHARED, comfyui_python, start_server
 
 pytestmark = pytest.mark.skipif(
     not COMFYUI_PATH, reason="COMFYUI_PATH is not set: the real-ComfyUI host tests need a ComfyUI checkout"
@@ -27,15 +29,21 @@ PARITY = 1e-4  # the issue's bar; DESIGN.md: ComfyUI's own MMDiT agrees with the
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A ComfyUI with this pack, the tiny model set plus the bridge files, and a 64x64 photo.png input."""
-    from PIL import Image
-
+def models(tmp_path_factory):
+    """The tiny model set plus the bridge files (bridge_models.py)."""
     from sd35_core.tiny import write_tiny_model_set
 
-    base = tmp_path_factory.mktemp("comfy_base")
     models = write_tiny_model_set(tmp_path_factory.mktemp("comfy_models"), seed=0)
     write_bridge_models(models.root, seed=0)
+    return models
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, models):
+    """A ComfyUI with this pack, ``models`` and a 64x64 photo.png input."""
+    from PIL import Image
+
+    base = tmp_path_factory.mktemp("comfy_base")
     os.makedirs(base / "input")
     photo = Image.open(os.path.join(SHARED, "images", "canny.png")).convert("RGB").resize((64, 64))
     photo.save(base / "input" / "photo.png")
@@ -177,3 +185,96 @@ def test_comfyui_lora_loader_on_our_model_equals_the_merged_weights_and_is_taken
     out |= run(server, g)
     assert torch.equal(out["after"], out["before"])
     assert_close(out["ks_after"], out["before"])
+
+
+# ------------------------------------------------------------------------------- ComfyUI's model in ours
+
+def control_conds(g: Graph, model, pos, neg):
+    """Our ControlNet (loaded for ``model``) on a canny image of photo.png, attached to both prompts."""
+    vae = [g.add("SD35VAELoader", vae_name="tiny-sd3_vae.safetensors"), 0]
+    image = [g.add("LoadImage", image="photo.png"), 0]
+    edges = [g.add("SD35CannyPreprocessor", image=image, low_threshold=100, high_threshold=200), 0]
+    cn = [g.add("SD35ControlNetLoader", model=model, control_net_name=FILES.controlnet, weight_dtype="fp32"), 0]
+    apply = g.add("SD35ControlNetApply", positive=pos, negative=neg, control_net=cn, vae=vae, image=edges,
+                  strength=0.9, start_percent=0.0, end_percent=1.0)
+    return [apply, 0], [apply, 1]
+
+
+CASES = {"plain": dict(), "slg": dict(slg_layers="1,2", slg_scale=2.5, slg_start=0.0, slg_end=0.7)}
+
+
+def native_and_ours(g: Graph, native, ours, pos, neg, latent, prefix: str, control: bool) -> None:
+    """Our sampler on the native MODEL and on our own model, with and without SLG (and, if ``control``, a
+    ControlNet loaded for each), saved as ``<prefix>_<case>_<native|ours>``."""
+    for who, model in (("native", native), ("ours", ours)):
+        p, n = control_conds(g, model, pos, neg) if control else (pos, neg)
+        for case, slg in CASES.items():
+            save(g, our_sampler(g, model, p, n, latent, "dpmpp_2m", **slg), f"{prefix}_{case}_{who}")
+
+
+@pytest.mark.parametrize("control", [False, True], ids=["txt2img", "controlnet"])
+def test_native_checkpoint_in_our_sampler_equals_our_model(server, control):
+    g = Graph()
+    native = [g.add("CheckpointLoaderSimple", ckpt_name=FILES.comfy_checkpoint), 0]
+    ours = [g.add("SD35CheckpointLoader", ckpt_name=FILES.comfy_checkpoint, weight_dtype="fp32"), 0]
+    pos, neg = text_nodes(g)
+    latent = [g.add("SD35EmptyLatent", width=48, height=48, batch_size=1, model=native), 0]
+    native_and_ours(g, native, ours, pos, neg, latent, "n", control)
+    out = run(server, g)
+    for case in CASES:
+        assert_close(out[f"n_{case}_native"], out[f"n_{case}_ours"])
+    assert (out["n_slg_ours"] - out["n_plain_ours"]).abs().max() > 100 * PARITY
+    assert "sampled by our MMDiT-X over its own weights" in server.log()
+
+
+def test_native_checkpoint_with_comfyui_lora_in_our_sampler_equals_the_merged_weights(server):
+    # What the shipped sd3.5_native_lora_controlnet workflow does: native loader + LoraLoader -> our sampler with
+    # SLG and a ControlNet. Reference: the LoRA merged by plain arithmetic, loaded by our loader.
+    g = Graph()
+    base = [g.add("CheckpointLoaderSimple", ckpt_name=FILES.comfy_checkpoint), 0]
+    native = [g.add("LoraLoaderModelOnly", model=base, lora_name=FILES.comfy_lora, strength_model=LORA_STRENGTH), 0]
+    ours = [g.add("SD35CheckpointLoader", ckpt_name=FILES.comfy_merged, weight_dtype="fp32"), 0]
+    pos, neg = text_nodes(g)
+    latent = [g.add("SD35EmptyLatent", width=48, height=48, batch_size=1), 0]
+    native_and_ours(g, native, ours, pos, neg, latent, "lora", control=True)
+    out = run(server, g)
+    for case in CASES:
+        assert_close(out[f"lora_{case}_native"], out[f"lora_{case}_ours"])
+
+
+def test_native_model_sampling_shift_is_honoured_and_guidance_patches_are_refused(server):
+    g = Graph()
+    native = [g.add("CheckpointLoaderSimple", ckpt_name=FILES.comfy_checkpoint), 0]
+    shifted = [g.add("ModelSamplingSD3", model=native, shift=2.0), 0]
+    ours = [g.add("SD35CheckpointLoader", ckpt_name=FILES.comfy_checkpoint, weight_dtype="fp32"), 0]
+    pos, neg = text_nodes(g)
+    latent = [g.add("SD35EmptyLatent", width=48, height=48, batch_size=1), 0]
+    save(g, our_sampler(g, shifted, pos, neg, latent), "shift_native")
+    save(g, our_sampler(g, ours, pos, neg, latent, shift=2.0), "shift_ours")
+    out = run(server, g)
+    assert_close(out["shift_native"], out["shift_ours"])
+
+    slg = [g.add("SkipLayerGuidanceSD3", model=native, layers="1, 2", scale=3.0, start_percent=0.01,
+                 end_percent=0.15), 0]
+    save(g, our_sampler(g, slg, pos, neg, latent), "refused")
+    result = server.run(g)
+    error = result["error"]
+    assert error is not None and error["node_type"] == "SD35Sampler", result
+    assert "SkipLayerGuidanceSD3" in error["exception_message"] and "KSampler" in error["exception_message"]
+
+
+def test_inside_comfyui_block_patches_take_native_passes_and_partial_loads_keep_lora_patches(models, tmp_path):
+    # bridge_inprocess.py sets up, inside one ComfyUI process, what no shipped ComfyUI node does.
+    out = tmp_path / "inprocess.json"
+    subprocess.run([comfyui_python(), os.path.join(os.path.dirname(__file__), "bridge_inprocess.py"), models.root,
+                    str(out)], cwd=COMFYUI_PATH, check=True, timeout=600,
+                   env={k: v for k, v in os.environ.items() if not k.startswith("SD35_")})
+    result = json.loads(out.read_text())
+    # Without the block patch our MMDiT-X runs over the native tensors; with it, ComfyUI's own forward pass
+    # does, honouring the patch on every model call: 4 steps + 2 separate skip-layer passes (steps 1, 2).
+    assert result["native_paths"] == ["view", "native"]
+    assert result["native_vs_view"] <= PARITY
+    assert result["patch_calls"] == 4 + 2
+    # A low-VRAM partial load leaves ComfyUI's LoRA patches to layers that cast on the fly; ours get them anyway.
+    assert result["lowvram"]["patched_vs_merged"] <= 1e-6
+    assert result["lowvram"]["restored_vs_original"] == 0.0

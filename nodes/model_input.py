@@ -1,0 +1,61 @@
+"""What a ``model`` socket of the SD35 sampler and ControlNet loader may carry: our ``SD35_MODEL``, or a native
+ComfyUI SD3 / SD3.5 ``MODEL`` (CheckpointLoaderSimple, UNETLoader, a GGUF or fp8 loader pack, after LoRA and
+other model nodes), and how each is made ready for sampling.
+
+A native model is loaded the way ComfyUI's own samplers load it (its weight and object patches applied) and
+then sampled by our reference-exact sampler, either through our MMDiT-X over its own tensors or, where that
+would not compute the same, through its own forward pass (see comfy_bridge.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from ..sd35_core.defaults import defaults_for
+from ..sd35_core.mmditx import MMDiTX
+from . import host
+from .objects import SD35Model, require_type
+
+log = logging.getLogger(__name__)
+
+# The socket type: ComfyUI's union syntax, so both kinds of model link to the same input.
+MODEL_TYPES = "SD35_MODEL,MODEL"
+
+
+def diffusion_input(value, node: str):
+    """``value`` as an :class:`~.objects.SD35Model` or a checked native model (``comfy_bridge.NativeModel``).
+
+    Both answer ``config``, ``variant``, ``device`` and ``compute_dtype``; anything else is a ValueError
+    naming the node.
+    """
+    if isinstance(value, SD35Model):
+        return value
+    bridge = host.comfy_bridge()
+    if bridge is not None and bridge.is_native_model(value):
+        return bridge.inspect_native(value, node)
+    return require_type(value, SD35Model, "model", node)
+
+
+def default_shift(model) -> float:
+    """The shift for ``shift = 0``: the variant's (ours), or the native model's sampling (ModelSamplingSD3)."""
+    if isinstance(model, SD35Model):
+        return defaults_for(model.variant).shift
+    return model.shift
+
+
+def load_for_sampling(model, extra: Sequence[host.ManagedModule], memory_required: int) -> tuple[MMDiTX, bool]:
+    """Load ``model`` with the ``extra`` modules used beside it; return the MMDiT-X to sample and whether it
+    has the block API the shared skip-layer prefix needs."""
+    if isinstance(model, SD35Model):
+        model.managed.load(extra=extra, memory_required=memory_required)
+        return model.mmdit, True
+    runner, path = host.comfy_bridge().load_native(model, [m.patcher for m in extra], memory_required)
+    return runner, path != "native"
+
+
+def compute_dtype(model) -> torch.dtype:
+    """The dtype the model's activations run in."""
+    return model.mmdit.compute_dtype if isinstance(model, SD35Model) else model.compute_dtype
