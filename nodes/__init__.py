@@ -1,6 +1,6 @@
 """ComfyUI node classes over sd35_core. Class names are public API (saved workflows refer to them)."""
 
-from .bridge import SD35ToComfyModel
+from .bridge import SD35ToComfyModel, SD35ToComfyVAE
 from .controlnet import SD35BlurPreprocessor, SD35CannyPreprocessor, SD35ControlNetApply, SD35DepthNormalize
 from .latent_vae import SD35EmptyLatent, SD35VAEDecode, SD35VAEEncode, SD35VAEEncodeForInpaint
 from .loaders import SD35CheckpointLoader, SD35ControlNetLoader, SD35TextEncoderLoader, SD35VAELoader
@@ -25,6 +25,7 @@ NODE_CLASS_MAPPINGS = {
     "SD35BlurPreprocessor": SD35BlurPreprocessor,
     "SD35DepthNormalize": SD35DepthNormalize,
     "SD35ToComfyModel": SD35ToComfyModel,
+    "SD35ToComfyVAE": SD35ToComfyVAE,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -44,6 +45,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SD35BlurPreprocessor": "SD3.5 Blur (ControlNet preprocessor)",
     "SD35DepthNormalize": "SD3.5 Depth Normalize (ControlNet preprocessor)",
     "SD35ToComfyModel": "SD3.5 Model to ComfyUI MODEL",
+    "SD35ToComfyVAE": "SD3.5 VAE to ComfyUI VAE",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,16 +1,26 @@
-"""Bridge nodes: the pack's diffusion model as a ComfyUI ``MODEL`` (for KSampler, LoRA loaders, model patches).
+"""Bridge nodes: the pack's diffusion model as a ComfyUI ``MODEL`` (for KSampler, LoRA loaders, model patches)
+and its VAE as a ComfyUI ``VAE`` (for VAEDecode / VAEEncode and their tiled forms).
 
-The reverse direction needs no node: SD35 Sampler and SD35 ControlNet Loader take a native ComfyUI SD3
-``MODEL`` on their ``model`` input directly (see comfy_bridge.py).
+The reverse direction needs no node: SD35 Sampler, SD35 ControlNet Loader and SD35 Empty Latent take a
+native ComfyUI SD3 ``MODEL`` on their ``model`` input, SD35 Apply ControlNet a ComfyUI ``VAE`` (see
+comfy_bridge.py). Text encoders stay on the pack's side: CONDITIONING is their bridge (see
+:data:`CLIP_NOTE`).
 """
 
 from __future__ import annotations
 
 from ..sd35_core.defaults import defaults_for
 from . import host
-from .objects import SD35Model, require_type
+from .objects import SD35VAE, SD35Model, require_type
 
 NODE = "SD35 Model to ComfyUI MODEL"
+VAE_NODE = "SD35 VAE to ComfyUI VAE"
+# Why there is no SD35_CLIP -> CLIP node (also in SD35 Text Encoder Loader's description).
+CLIP_NOTE = ("SD35_CLIP does not plug into ComfyUI's CLIPTextEncode: a ComfyUI CLIP is its own tokenizer and "
+             "prompt-weighting pipeline in front of its own encoder classes, so wrapping these encoders in it would "
+             "give ComfyUI's encoding, not this pack's. CONDITIONING is the bridge: SD35 Text Encode's output "
+             "works with every ComfyUI sampler and conditioning node, and ComfyUI's CLIPTextEncode / "
+             "CLIPTextEncodeSD3 output works with SD35 Sampler.")
 
 
 class SD35ToComfyModel:
@@ -36,7 +46,8 @@ class SD35ToComfyModel:
     DESCRIPTION = ("Turns an SD35 diffusion model into a ComfyUI MODEL without copying its weights: ComfyUI's "
                    "samplers, LoRA loaders and block patches (skip-layer guidance, double_block replacements, "
                    "ControlNet residuals) run on the pack's own MMDiT-X, and ComfyUI's model management moves "
-                   "the one copy of the weights. Only inside ComfyUI.")
+                   "the one copy of the weights. LoRAs from SD3.5 LoRA Loader come along as ComfyUI weight "
+                   "patches. Only inside ComfyUI.")
 
     def convert(self, model, shift: float = 0.0):
         model = require_type(model, SD35Model, "model", NODE)
@@ -53,4 +64,29 @@ class SD35ToComfyModel:
                              "with SD35 Checkpoint Loader inside ComfyUI")
         if shift <= 0:
             shift = defaults_for(model.variant).shift
-        return (bridge.with_shift(model.managed.patcher, shift),)
+        return (bridge.with_loras(bridge.with_shift(model.managed.patcher, shift), model.loras),)
+
+
+class SD35ToComfyVAE:
+    """Hand our SD3 VAE to ComfyUI's own nodes as a ``VAE`` (the same module: no weight copy)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"vae": ("SD35_VAE", {"tooltip": "The VAE from SD35 VAE Loader or SD35 Checkpoint "
+                                                           "Loader."})}}
+
+    RETURN_TYPES = ("VAE",)
+    RETURN_NAMES = ("vae",)
+    OUTPUT_TOOLTIPS = ("A ComfyUI VAE over the same weights, for VAEDecode, VAEEncode and their tiled forms.",)
+    FUNCTION = "convert"
+    CATEGORY = "sd35/bridge"
+    DESCRIPTION = ("Turns an SD35 VAE into a ComfyUI VAE without copying its weights: ComfyUI's VAE nodes call the "
+                   "pack's own encoder and decoder, and ComfyUI's model management moves the one copy. Only "
+                   "inside ComfyUI.")
+
+    def convert(self, vae):
+        vae = require_type(vae, SD35VAE, "vae", VAE_NODE)
+        bridge = host.comfy_bridge()
+        if bridge is None:
+            raise ValueError(f"{VAE_NODE}: a ComfyUI VAE exists only inside ComfyUI")
+        return (bridge.SD35ComfyVAE(vae.vae, vae.managed.patcher, vae.device),)

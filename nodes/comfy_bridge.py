@@ -25,9 +25,12 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.model_sampling
 import comfy.patcher_extension
+import comfy.sd
 import comfy.supported_models
+import comfy.weight_adapter
 import torch
 
+from ..sd35_core.lora.apply import collect, patched_weight
 from ..sd35_core.mmditx import MMDiTConfig, MMDiTX
 from .comfy_model import ComfyMMDiT, NativePasses, ViewRefusal, comfy_unet_config, mmdit_view, shapes_of
 
@@ -96,6 +99,37 @@ def model_patcher(mmdit: MMDiTX, shift: float, load_device: torch.device, offloa
     patcher = SD35ModelPatcher(SD35MMDiTX(mmdit, shift), load_device, offload_device)
     patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_LOAD, _apply_skipped_patches)
     return patcher
+
+
+class SD35LoraPatch(comfy.weight_adapter.WeightAdapterBase):
+    """Our LoRA stack's entries for one weight, as a ComfyUI weight patch.
+
+    ComfyUI applies it when it loads the MODEL (and takes it back as any of its patches) with our own
+    arithmetic (``sd35_core.lora.apply.patched_weight``: float32, then ComfyUI rounds to the storage dtype,
+    as our merge does), so SD3.5 LoRA Loader's LoRAs reach ComfyUI's samplers unchanged.
+    """
+
+    name = "sd35_lora"
+
+    def __init__(self, entries):
+        self.entries = list(entries)
+        self.loaded_keys = set()
+        self.weights = []
+
+    def calculate_weight(self, weight, key, strength, strength_model, offset, function,
+                         intermediate_dtype=torch.float32, original_weight=None):
+        if strength != 1.0:
+            raise ValueError(f"{key}: SD35 LoRA patches carry their own strength; got a ComfyUI strength {strength}")
+        return function(patched_weight(weight, self.entries).to(intermediate_dtype))
+
+
+def with_loras(patcher, stack):
+    """A clone of ``patcher`` carrying our LoRA ``stack`` (``SD35Model.loras``) as ComfyUI weight patches."""
+    clone = patcher.clone()
+    patches = {f"diffusion_model.{key}": SD35LoraPatch(items) for key, items in collect(stack).items()}
+    if patches:
+        clone.add_patches(patches, 1.0)
+    return clone
 
 
 def with_shift(patcher, shift: float):
@@ -202,3 +236,58 @@ def load_native(native: NativeModel, extra: list, memory_required: int) -> tuple
     log.info("sd35: native %s model run through its own forward pass per model call (%s); skip-layer "
              "guidance runs as a separate pass", native.config.variant, reason)
     return NativePasses(diffusion, native.config, native.compute_dtype, options), "native"
+
+
+# ----------------------------------------------------------------------------------------------------- VAE
+
+class SD35ComfyVAE(comfy.sd.VAE):
+    """ComfyUI's ``VAE`` over our SD3 autoencoder: the same module and the same ModelPatcher, no copy.
+
+    ``comfy.sd.VAE.__init__`` builds ComfyUI's own autoencoder from a state dict, so it is not called; the
+    attributes its encode / decode / tiled paths read are set here for an image VAE, and its
+    ``first_stage_model`` is our VAE, whose ``encode`` (pixels in [-1, 1] -> mean latent) and ``decode`` are
+    the calls ComfyUI makes.
+    """
+
+    def __init__(self, vae, patcher, device: torch.device):
+        config = vae.config
+        self.first_stage_model = vae
+        self.patcher = patcher
+        self.device = device
+        self.vae_dtype = vae.compute_dtype
+        self.working_dtypes = [self.vae_dtype]
+        self.output_device = mm.intermediate_device()
+        self.latent_channels = config.z_channels
+        self.output_channels = config.out_channels
+        self.downscale_ratio = self.upscale_ratio = config.downscale
+        self.latent_dim = 2
+        self.not_video = False
+        self.crop_input = True
+        self.disable_offload = False
+        self.downscale_index_formula = self.upscale_index_formula = self.extra_1d_channel = None
+        # Peak activations: the widest level at full resolution, a few buffers deep.
+        width = config.ch * max(config.ch_mult)
+        self.memory_used_encode = lambda shape, dtype: shape[-2] * shape[-1] * width * 6 * mm.dtype_size(dtype)
+        self.memory_used_decode = lambda shape, dtype: (shape[-2] * shape[-1] * config.downscale**2 * width * 6
+                                                        * mm.dtype_size(dtype))
+
+    @staticmethod
+    def process_input(image: torch.Tensor) -> torch.Tensor:
+        return image * 2.0 - 1.0
+
+    @staticmethod
+    def process_output(image: torch.Tensor) -> torch.Tensor:
+        return ((image + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def is_native_vae(value) -> bool:
+    return isinstance(value, comfy.sd.VAE)
+
+
+def encode_with_native_vae(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Raw latent of ``pixels`` ``[B, 3, H, W]`` (already scaled for the VAE, e.g. the reference's canny
+    scaling) through a ComfyUI ``VAE``, which expects an IMAGE in 0..1 and maps it to ``2x - 1`` itself."""
+    latent = vae.encode(((pixels.float() + 1.0) / 2.0).movedim(1, -1))
+    if latent.ndim == 5:  # video-capable VAEs return a time axis
+        latent = latent[:, :, 0]
+    return latent

@@ -30,7 +30,7 @@ class ControlSpec:
     generation size is known (the reference resizes the control image to it)."""
 
     controlnet: SD35ControlNet
-    vae: SD35VAE
+    vae: SD35VAE | object  # or a ComfyUI VAE (see model_input.vae_input)
     image: torch.Tensor
     strength: float
     start: float

@@ -7,7 +7,8 @@ from ..sd35_core.controlnet import CONTROL_TYPES
 from ..sd35_core.fit import DEFAULT_RESIZE_MODE, RESIZE_MODES
 from .conditioning import ControlSpec, attach_control
 from .latent_vae import NO_VAE
-from .objects import SD35VAE, SD35ControlNet, require, require_type
+from .model_input import VAE_TYPES, vae_input
+from .objects import SD35ControlNet, require, require_type
 
 NODE = "SD35 Apply ControlNet"
 CONTROL_TYPE_CHOICES = ["auto", *CONTROL_TYPES]
@@ -25,7 +26,8 @@ class SD35ControlNetApply:
                 "negative": ("CONDITIONING", {"tooltip": "Negative conditioning (the reference applies the "
                                                          "ControlNet to both halves of the CFG batch)."}),
                 "control_net": ("SD35_CONTROLNET", {"tooltip": "The ControlNet from SD35 ControlNet Loader."}),
-                "vae": ("SD35_VAE", {"tooltip": "The SD3 VAE, to encode the control image."}),
+                "vae": (VAE_TYPES, {"tooltip": "The SD3 VAE, to encode the control image (SD35 VAE Loader, or a "
+                                               "ComfyUI VAE such as CheckpointLoaderSimple's)."}),
                 "image": ("IMAGE", {"tooltip": "The control image: canny edges, a blurred image or a depth map "
                                                "(see the SD35 preprocessors). It is fitted to the generation size "
                                                "(resize_mode)."}),
@@ -69,7 +71,7 @@ class SD35ControlNetApply:
               control_type: str = "auto", depth_invert: str = "auto", resize_mode: str = DEFAULT_RESIZE_MODE):
         control_net = require_type(control_net, SD35ControlNet, "control_net", NODE)
         require(vae, "vae", NODE, NO_VAE)
-        vae = require_type(vae, SD35VAE, "vae", NODE)
+        vae = vae_input(vae, NODE)
         if control_type not in CONTROL_TYPE_CHOICES:
             raise ValueError(f"{NODE}: control_type: expected one of {', '.join(CONTROL_TYPE_CHOICES)}; "
                              f"got {control_type!r}")

@@ -32,6 +32,7 @@ from ..sd35_core.loader import (
 )
 from ..sd35_core.text_roles import role_default
 from . import host
+from .bridge import CLIP_NOTE
 from .model_input import MODEL_TYPES, diffusion_input
 from .objects import SD35VAE, SD35Clip, SD35ControlNet, SD35Model
 
@@ -249,7 +250,8 @@ class SD35TextEncoderLoader:
     OUTPUT_TOOLTIPS = ("The text encoders, for SD35 Text Encode.",)
     FUNCTION = "load"
     CATEGORY = "sd35/loaders"
-    DESCRIPTION = "Loads the three SD3 text encoders (T5-XXL optional) from ComfyUI's text_encoders folder."
+    DESCRIPTION = ("Loads the three SD3 text encoders (T5-XXL optional) from ComfyUI's text_encoders folder. "
+                   + CLIP_NOTE)
 
     @classmethod
     def IS_CHANGED(cls, clip_l_name, clip_g_name, t5xxl_name="none", **_):

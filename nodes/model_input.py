@@ -1,6 +1,7 @@
 """What a ``model`` socket of the SD35 sampler and ControlNet loader may carry: our ``SD35_MODEL``, or a native
 ComfyUI SD3 / SD3.5 ``MODEL`` (CheckpointLoaderSimple, UNETLoader, a GGUF or fp8 loader pack, after LoRA and
-other model nodes), and how each is made ready for sampling.
+other model nodes), and how each is made ready for sampling; likewise the ControlNet's ``vae`` socket, which
+takes our ``SD35_VAE`` or a ComfyUI ``VAE``.
 
 A native model is loaded the way ComfyUI's own samplers load it (its weight and object patches applied) and
 then sampled by our reference-exact sampler, either through our MMDiT-X over its own tensors or, where that
@@ -17,12 +18,13 @@ import torch
 from ..sd35_core.defaults import defaults_for
 from ..sd35_core.mmditx import MMDiTX
 from . import host
-from .objects import SD35Model, require_type
+from .objects import SD35VAE, SD35Model, require_type
 
 log = logging.getLogger(__name__)
 
-# The socket type: ComfyUI's union syntax, so both kinds of model link to the same input.
+# The socket types: ComfyUI's union syntax, so both kinds link to the same input.
 MODEL_TYPES = "SD35_MODEL,MODEL"
+VAE_TYPES = "SD35_VAE,VAE"
 
 
 def diffusion_input(value, node: str):
@@ -59,3 +61,20 @@ def load_for_sampling(model, extra: Sequence[host.ManagedModule], memory_require
 def compute_dtype(model) -> torch.dtype:
     """The dtype the model's activations run in."""
     return model.mmdit.compute_dtype if isinstance(model, SD35Model) else model.compute_dtype
+
+
+def vae_input(value, node: str):
+    """``value`` as an :class:`~.objects.SD35VAE` or a ComfyUI ``VAE``; anything else is a ValueError."""
+    bridge = host.comfy_bridge()
+    if bridge is not None and bridge.is_native_vae(value):
+        return value
+    return require_type(value, SD35VAE, "vae", node)
+
+
+def encode_pixels(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Raw VAE-space latent of VAE-ready ``pixels`` ``[B, 3, H, W]`` through either kind of VAE."""
+    if isinstance(vae, SD35VAE):
+        vae.managed.load()
+        with torch.no_grad():
+            return vae.vae.encode(pixels)
+    return host.comfy_bridge().encode_with_native_vae(vae, pixels)

@@ -20,7 +20,7 @@ from ..sd35_core.schedule import SCHEDULES
 from . import host
 from .conditioning import ControlSpec, to_entries
 from .lora import lora_context
-from .model_input import MODEL_TYPES, compute_dtype, default_shift, diffusion_input, load_for_sampling
+from .model_input import MODEL_TYPES, compute_dtype, default_shift, diffusion_input, encode_pixels, load_for_sampling
 from .objects import SD35Model
 
 log = logging.getLogger(__name__)
@@ -88,9 +88,7 @@ def build_hints(specs: list[ControlSpec], model, latent: torch.Tensor) -> list[C
                              f"batch ({b})")
         pixels = prepare_control_image(spec.image, w * 8, h * 8, kind, spec.invert, path=path,
                                        resize_mode=spec.resize_mode)
-        spec.vae.managed.load()
-        with torch.no_grad():
-            cond_latent = process_in(spec.vae.vae.encode(pixels))
+        cond_latent = process_in(encode_pixels(spec.vae, pixels))
         # A Cancel pressed during the encode stops here, before the (longer) sampling starts.
         host.check_interrupt()
         hints.append(ControlHint(cn.controlnet, cond_latent, spec.strength, spec.start, spec.end))

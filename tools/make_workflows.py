@@ -18,7 +18,7 @@ import json
 import os
 import sys
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKFLOWS = os.path.join(ROOT, "workflows")
@@ -40,6 +40,11 @@ CORE_NODES = {
                                                                        "feathering"],
                             "outputs": [("IMAGE", "IMAGE"), ("MASK", "MASK")]},
     "Note": {"inputs": [], "widgets": ["text"], "outputs": []},  # frontend-only: not sent to the server
+    "CheckpointLoaderSimple": {"inputs": [], "widgets": ["ckpt_name"],
+                               "outputs": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]},
+    "LoraLoaderModelOnly": {"inputs": [("model", "MODEL")], "widgets": ["lora_name", "strength_model"],
+                            "outputs": [("MODEL", "MODEL")]},
+    "VAEDecode": {"inputs": [("samples", "LATENT"), ("vae", "VAE")], "widgets": [], "outputs": [("IMAGE", "IMAGE")]},
 }
 FRONTEND_ONLY = {"Note"}
 NOT_SENT = {"upload"}  # widgets the frontend does not send with the prompt
@@ -326,7 +331,8 @@ class Column:
 
 
 # Node heights leave room for the lines the frontend extension adds once a loader has run.
-HEIGHTS = {"SD35CheckpointLoader": 200, "SD35TextEncoderLoader": 200, "SD35ControlNetLoader": 130,
+HEIGHTS = {"CheckpointLoaderSimple": 130, "LoraLoaderModelOnly": 110, "VAEDecode": 80,
+           "SD35CheckpointLoader": 200, "SD35TextEncoderLoader": 200, "SD35ControlNetLoader": 130,
            "SD35TextEncode": 300, "SD35EmptyLatent": 130, "SD35Sampler": 560, "SD35VAEDecode": 140,
            "SD35VAEEncode": 140, "SD35ControlNetApply": 260, "SaveImage": 560, "LoadImage": 420,
            "ImageScale": 160, "PreviewImage": 380, "SD35CannyPreprocessor": 110, "SD35BlurPreprocessor": 90,
@@ -585,6 +591,73 @@ def controlnet(name: str, control: str, title: str) -> Workflow:
     return wf
 
 
+LORA_NAME = "sd3.5_large_lora.safetensors"  # a placeholder: choose your LoRA in the node
+
+
+def native_lora_controlnet(name: str, title: str) -> Workflow:
+    """ComfyUI's own loader and LoRA loader feeding this pack's sampler (SLG) and canny ControlNet."""
+    variant, control = "sd3.5_large", "canny"
+    base = defaults_table()[f"{variant}_controlnet_{control}"]
+    # SLG with SD3.5 Medium's reference layers and window (the reference recommends none for Large), at the
+    # ControlNet's cfg.
+    d = replace(base, slg=replace(defaults_table()["sd3.5_medium"].slg, cfg=base.cfg))
+    node_type, node_title, values, how = PREPROCESSORS[control]
+    wf = Workflow(name)
+    extra = ("Mixing ComfyUI's nodes with this pack's: ComfyUI's Load Checkpoint and LoRA loader make the MODEL "
+             f"(your LoRA goes in models/loras/; the workflow names models/loras/{LORA_NAME}), this pack's "
+             "sampler runs it with the reference schedule, skip-layer guidance (SD3.5 Medium's layers 7,8,9: "
+             "tune them for Large) and the reference-faithful ControlNet, and ComfyUI's VAE Decode makes the "
+             "picture. Control image: put "
+             f"it in ComfyUI's input folder and pick it in Load control image (the workflow names {IMAGE_NAME}). "
+             f"{how}")
+    source = Column(wf, 0, 360)
+    image = source.add("LoadImage", HEIGHTS["LoadImage"], title="Load control image", image=IMAGE_NAME,
+                       upload="image")
+    prep = source.add(node_type, HEIGHTS[node_type], title=node_title, **values)
+    preview = source.add("PreviewImage", HEIGHTS["PreviewImage"], title="Control image preview")
+    wf.connect(image, "IMAGE", prep, "image")
+    wf.connect(prep, "image", preview, "images")
+    models = source.next(360)
+    note = _note_node(models, _note(title, variant, d, slg=True, controlnet=control, extra=extra))
+    ckpt = models.add("CheckpointLoaderSimple", HEIGHTS["CheckpointLoaderSimple"], title="Load Checkpoint (ComfyUI)",
+                      ckpt_name=CHECKPOINTS[variant][0])
+    lora = models.add("LoraLoaderModelOnly", HEIGHTS["LoraLoaderModelOnly"], title="Load LoRA (ComfyUI)",
+                      lora_name=LORA_NAME, strength_model=1.0)
+    clip = models.add("SD35TextEncoderLoader", HEIGHTS["SD35TextEncoderLoader"], title="Load text encoders",
+                      clip_l_name=TEXT_ENCODERS[0], clip_g_name=TEXT_ENCODERS[1], t5xxl_name=TEXT_ENCODERS[2],
+                      device="default", weight_dtype="default")
+    cn_loader = models.add("SD35ControlNetLoader", HEIGHTS["SD35ControlNetLoader"], title="Load ControlNet",
+                           control_net_name=f"sd3.5_large_controlnet_{control}.safetensors", weight_dtype="default")
+    wf.connect(ckpt, "MODEL", lora, "model")
+    wf.connect(lora, "MODEL", cn_loader, "model")
+    prompt = models.next(380)
+    pos, neg = _prompts(prompt, clip, CONTROL_PROMPT)
+    latent = prompt.add("SD35EmptyLatent", HEIGHTS["SD35EmptyLatent"], title="Image size", width=1024, height=1024,
+                        batch_size=1)
+    wf.connect(lora, "MODEL", latent, "model")
+    sample = prompt.next(340)
+    apply = sample.add("SD35ControlNetApply", HEIGHTS["SD35ControlNetApply"], title="Apply ControlNet",
+                       strength=1.0, start_percent=0.0, end_percent=1.0, control_type=control, depth_invert="auto")
+    for source_node, out, inp in ((pos, "conditioning", "positive"), (neg, "conditioning", "negative"),
+                                  (cn_loader, "control_net", "control_net"), (ckpt, "VAE", "vae"),
+                                  (prep, "image", "image")):
+        wf.connect(source_node, out, apply, inp)
+    sampler = _sampler(sample, d, {"model": (lora, "MODEL"), "positive": (apply, "positive"),
+                                   "negative": (apply, "negative"), "latent": (latent, "latent")}, slg=True)
+    out = sample.next(400)
+    decode = out.add("VAEDecode", HEIGHTS["VAEDecode"], title="VAE Decode (ComfyUI)")
+    save = out.add("SaveImage", HEIGHTS["SaveImage"], title="Save image", filename_prefix=f"sd35/{name}")
+    wf.connect(sampler, "latent", decode, "samples")
+    wf.connect(ckpt, "VAE", decode, "vae")
+    wf.connect(decode, "IMAGE", save, "images")
+    wf.group("Control image", GROUP_COLORS["image"], [image, prep, preview])
+    wf.group("Models (ComfyUI loader and LoRA)", GROUP_COLORS["models"], [note, ckpt, lora, clip, cn_loader])
+    wf.group("Prompt and size", GROUP_COLORS["prompt"], [pos, neg, latent])
+    wf.group("ControlNet and sampler", GROUP_COLORS["sample"], [apply, sampler])
+    wf.group("Decode and save", GROUP_COLORS["save"], [decode, save])
+    return wf
+
+
 def build_workflows() -> dict[str, Workflow]:
     """Every shipped workflow by file name (without ``.json``)."""
     flows = [
@@ -601,6 +674,8 @@ def build_workflows() -> dict[str, Workflow]:
         controlnet("sd3.5_large_controlnet_canny", "canny", "SD3.5 Large with the canny ControlNet"),
         controlnet("sd3.5_large_controlnet_blur", "blur", "SD3.5 Large with the blur ControlNet"),
         controlnet("sd3.5_large_controlnet_depth", "depth", "SD3.5 Large with the depth ControlNet"),
+        native_lora_controlnet("sd3.5_large_native_lora_controlnet",
+                               "ComfyUI's SD3.5 Large + LoRA in the SD3.5 sampler with SLG and the canny ControlNet"),
     ]
     return {wf.name: wf for wf in flows}
 

@@ -63,7 +63,7 @@ class Graph(dict):
     """An API-format prompt built node by node; :meth:`add` returns the new node's id."""
 
     def add(self, class_type: str, **inputs) -> str:
-        node = str(len(self) + 1)
+        node = str(max((int(k) for k in self), default=0) + 1)
         self[node] = {"class_type": class_type, "inputs": inputs}
         return node
 
@@ -97,26 +97,40 @@ def save(g: Graph, samples, prefix: str) -> None:
     g.add("SaveLatent", samples=samples, filename_prefix=f"latents/{prefix}")
 
 
+def saved(server, prompt_id: str, kind: str = "latents") -> dict:
+    """The files (``latents`` or ``images``) a finished prompt saved, by filename prefix: latent tensors, or
+    images as uint8 arrays."""
+    import numpy as np
+    from PIL import Image
+
+    history = server.get_json(f"/history/{prompt_id}")[prompt_id]
+    files = {}
+    for output in history["outputs"].values():
+        for item in output.get(kind, []):
+            if item.get("type", "output") != "output":
+                continue  # previews
+            path = os.path.join(server.base, "output", item["subfolder"], item["filename"])
+            prefix = item["filename"].rsplit("_", 2)[0]
+            files[prefix] = (load_file(path)["latent_tensor"] if kind == "latents"
+                             else np.asarray(Image.open(path).convert("RGB")))
+    return files
+
+
 def run(server, g: Graph) -> dict:
     """Run ``g`` and return the latents it saved, by filename prefix."""
     result = server.run(g)
     assert result["error"] is None, f"{result['error']}\nlog:\n{server.log()[-3000:]}"
     assert result["status"] == "success", result
-    history = server.get_json(f"/history/{result['prompt_id']}")[result["prompt_id"]]
-    latents = {}
-    for output in history["outputs"].values():
-        for item in output.get("latents", []):
-            path = os.path.join(server.base, "output", item["subfolder"], item["filename"])
-            prefix = item["filename"].rsplit("_", 2)[0]
-            latents[prefix] = load_file(path)["latent_tensor"]
-    return latents
+    return saved(server, result["prompt_id"])
 
 
-def assert_close(a: torch.Tensor, b: torch.Tensor, bar: float = PARITY) -> float:
+def assert_close(out: dict, first: str, second: str, bar: float = PARITY) -> None:
+    """``out[first]`` and ``out[second]`` agree to ``bar`` (max abs); the figure is printed (``pytest -s``)."""
+    a, b = out[first], out[second]
     assert a.shape == b.shape
     diff = (a - b).abs().max().item()
-    assert diff <= bar, f"max abs difference {diff:.3g} > {bar:g}"
-    return diff
+    print(f"parity {first} vs {second}: {diff:.2e}")
+    assert diff <= bar, f"{first} vs {second}: max abs difference {diff:.3g} > {bar:g}"
 
 
 # ------------------------------------------------------------------------------- our model in ComfyUI
@@ -136,7 +150,7 @@ def test_our_model_in_ksampler_equals_our_sampler(server):
         save(g, our_sampler(g, ours, pos, neg, latent, sampler), f"ours_{sampler}")
     out = run(server, g)
     for sampler in ("euler", "dpmpp_2m"):
-        assert_close(out[f"ks_{sampler}"], out[f"ours_{sampler}"])
+        assert_close(out, f"ks_{sampler}", f"ours_{sampler}")
     assert "Requested to load SD35MMDiTX" in server.log()
 
 
@@ -153,12 +167,13 @@ def test_comfyui_skip_layer_guidance_on_our_model_equals_our_slg_in_the_sigma_wi
                         slg_start=slg["start"], slg_end=slg["end"], slg_window="sigma"), "ours_slg")
     save(g, our_sampler(g, ours, pos, neg, latent, "dpmpp_2m", steps=6), "ours_plain")
     out = run(server, g)
-    assert_close(out["ks_slg"], out["ours_slg"])
+    assert_close(out, "ks_slg", "ours_slg")
     assert (out["ours_slg"] - out["ours_plain"]).abs().max() > 100 * PARITY  # the guidance really acted
 
 
-def test_comfyui_lora_loader_on_our_model_equals_the_merged_weights_and_is_taken_back(server):
-    # Reference: the LoRA merged by plain arithmetic into a checkpoint (bridge_models.py), loaded by our loader.
+def test_comfyui_lora_loader_on_our_model_equals_our_lora_node_and_is_taken_back(server):
+    # References: our SD3.5 LoRA Loader, and the LoRA merged by plain arithmetic into a checkpoint
+    # (bridge_models.py) loaded by our loader.
     g = Graph()
     ours, model = bridged(g)
     pos, neg = text_nodes(g)
@@ -170,8 +185,16 @@ def test_comfyui_lora_loader_on_our_model_equals_the_merged_weights_and_is_taken
     save(g, ksampler(g, lora, pos, neg, latent), "ks_lora")
     merged = [g.add("SD35CheckpointLoader", ckpt_name=FILES.medium_merged, weight_dtype="fp32"), 0]
     save(g, our_sampler(g, merged, pos, neg, latent), "merged")
+    # Our LoRA node, in our sampler and carried through the bridge into KSampler.
+    our_lora = [g.add("SD35LoraLoader", model=ours, lora_name=FILES.medium_lora, strength_model=LORA_STRENGTH,
+                      strength_clip=1.0), 0]
+    save(g, our_sampler(g, our_lora, pos, neg, latent), "ours_lora")
+    save(g, ksampler(g, [g.add("SD35ToComfyModel", model=our_lora, shift=0.0), 0], pos, neg, latent), "ks_ours_lora")
     out |= run(server, g)
-    assert_close(out["ks_lora"], out["merged"])
+    assert_close(out, "ks_lora", "merged")
+    assert_close(out, "ours_lora", "merged")
+    assert_close(out, "ks_lora", "ours_lora")
+    assert_close(out, "ks_ours_lora", "ours_lora")
 
     # The same weights, unpatched again for our sampler and for a plain bridged MODEL after the LoRA ran on them.
     # (A full-range timestep range leaves the result alone but makes ComfyUI run the samplers again.)
@@ -184,7 +207,7 @@ def test_comfyui_lora_loader_on_our_model_equals_the_merged_weights_and_is_taken
     save(g, ksampler(g, model, pos, neg, latent, seed=7), "ks_after")
     out |= run(server, g)
     assert torch.equal(out["after"], out["before"])
-    assert_close(out["ks_after"], out["before"])
+    assert_close(out, "ks_after", "before")
 
 
 # ------------------------------------------------------------------------------- ComfyUI's model in ours
@@ -222,7 +245,7 @@ def test_native_checkpoint_in_our_sampler_equals_our_model(server, control):
     native_and_ours(g, native, ours, pos, neg, latent, "n", control)
     out = run(server, g)
     for case in CASES:
-        assert_close(out[f"n_{case}_native"], out[f"n_{case}_ours"])
+        assert_close(out, f"n_{case}_native", f"n_{case}_ours")
     assert (out["n_slg_ours"] - out["n_plain_ours"]).abs().max() > 100 * PARITY
     assert "sampled by our MMDiT-X over its own weights" in server.log()
 
@@ -239,7 +262,7 @@ def test_native_checkpoint_with_comfyui_lora_in_our_sampler_equals_the_merged_we
     native_and_ours(g, native, ours, pos, neg, latent, "lora", control=True)
     out = run(server, g)
     for case in CASES:
-        assert_close(out[f"lora_{case}_native"], out[f"lora_{case}_ours"])
+        assert_close(out, f"lora_{case}_native", f"lora_{case}_ours")
 
 
 def test_native_model_sampling_shift_is_honoured_and_guidance_patches_are_refused(server):
@@ -252,7 +275,7 @@ def test_native_model_sampling_shift_is_honoured_and_guidance_patches_are_refuse
     save(g, our_sampler(g, shifted, pos, neg, latent), "shift_native")
     save(g, our_sampler(g, ours, pos, neg, latent, shift=2.0), "shift_ours")
     out = run(server, g)
-    assert_close(out["shift_native"], out["shift_ours"])
+    assert_close(out, "shift_native", "shift_ours")
 
     slg = [g.add("SkipLayerGuidanceSD3", model=native, layers="1, 2", scale=3.0, start_percent=0.01,
                  end_percent=0.15), 0]
@@ -270,6 +293,7 @@ def test_inside_comfyui_block_patches_take_native_passes_and_partial_loads_keep_
                     str(out)], cwd=COMFYUI_PATH, check=True, timeout=600,
                    env={k: v for k, v in os.environ.items() if not k.startswith("SD35_")})
     result = json.loads(out.read_text())
+    print(f"in-process bridge checks: {result}")
     # Without the block patch our MMDiT-X runs over the native tensors; with it, ComfyUI's own forward pass
     # does, honouring the patch on every model call: 4 steps + 2 separate skip-layer passes (steps 1, 2).
     assert result["native_paths"] == ["view", "native"]
@@ -278,3 +302,49 @@ def test_inside_comfyui_block_patches_take_native_passes_and_partial_loads_keep_
     # A low-VRAM partial load leaves ComfyUI's LoRA patches to layers that cast on the fly; ours get them anyway.
     assert result["lowvram"]["patched_vs_merged"] <= 1e-6
     assert result["lowvram"]["restored_vs_original"] == 0.0
+
+
+def test_shipped_mixed_workflow_runs_and_equals_the_same_graph_of_our_nodes(server):
+    # The API twin of workflows/sd3.5_large_native_lora_controlnet.json with the tiny files. ComfyUI cannot build
+    # a VAE of the tiny shape, so its VAE sockets get our VAE through SD3.5 VAE to ComfyUI VAE instead.
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "workflows", "api",
+                        "sd3.5_large_native_lora_controlnet.json")
+    with open(path) as f:
+        g = Graph(json.load(f))
+    by_type = {node["class_type"]: node_id for node_id, node in g.items()}
+    ckpt_id = by_type["CheckpointLoaderSimple"]
+    overrides = {
+        "CheckpointLoaderSimple": dict(ckpt_name=FILES.comfy_checkpoint),
+        "LoraLoaderModelOnly": dict(lora_name=FILES.comfy_lora, strength_model=LORA_STRENGTH),
+        "SD35ControlNetLoader": dict(control_net_name=FILES.controlnet, weight_dtype="fp32"),
+        "LoadImage": dict(image="photo.png"),
+        "SD35EmptyLatent": dict(width=48, height=48),
+        "SD35Sampler": dict(steps=4, slg_layers="1,2", slg_end=0.7),
+    }
+    for class_type, values in overrides.items():
+        g[by_type[class_type]]["inputs"].update(values)
+    ours_vae = [g.add("SD35VAELoader", vae_name="tiny-sd3_vae.safetensors"), 0]
+    comfy_vae = [g.add("SD35ToComfyVAE", vae=ours_vae), 0]
+    for node in g.values():
+        for name, value in node["inputs"].items():
+            if value == [ckpt_id, 2]:
+                node["inputs"][name] = comfy_vae
+    sampler = g[by_type["SD35Sampler"]]
+    save(g, [by_type["SD35Sampler"], 0], "workflow")
+    decoded = g.add("SD35VAEDecode", samples=[by_type["SD35Sampler"], 0], vae=ours_vae)
+    g.add("SaveImage", images=[decoded, 0], filename_prefix="ours_decode")
+
+    # The same graph of our own nodes: the LoRA merged into the checkpoint, our VAE for the ControlNet.
+    merged = [g.add("SD35CheckpointLoader", ckpt_name=FILES.comfy_merged, weight_dtype="fp32"), 0]
+    cn = [g.add("SD35ControlNetLoader", model=merged, control_net_name=FILES.controlnet, weight_dtype="fp32"), 0]
+    apply = g[by_type["SD35ControlNetApply"]]["inputs"]
+    ours_apply = g.add("SD35ControlNetApply", **dict(apply, control_net=cn, vae=ours_vae))
+    save(g, [g.add("SD35Sampler", **dict(sampler["inputs"], model=merged, positive=[ours_apply, 0],
+                                         negative=[ours_apply, 1])), 0], "ours_graph")
+    result = server.run(g)
+    assert result["error"] is None and result["status"] == "success", f"{result}\n{server.log()[-3000:]}"
+    out = saved(server, result["prompt_id"])
+    assert_close(out, "workflow", "ours_graph")
+    images = saved(server, result["prompt_id"], "images")  # ComfyUI's VAE Decode (the workflow's) and ours
+    comfy_image, ours_image = images["sd3.5_large_native_lora_controlnet"], images["ours_decode"]
+    assert comfy_image.shape == (48, 48, 3) and (comfy_image == ours_image).all()

@@ -6,13 +6,14 @@ import os
 import pytest
 import torch
 
-STANDARD_TYPES = {"LATENT", "IMAGE", "MASK", "CONDITIONING", "INT", "FLOAT", "STRING", "BOOLEAN", "MODEL"}
+STANDARD_TYPES = {"LATENT", "IMAGE", "MASK", "CONDITIONING", "INT", "FLOAT", "STRING", "BOOLEAN", "MODEL", "VAE"}
 OWN_TYPES = {"SD35_MODEL", "SD35_CLIP", "SD35_VAE", "SD35_CONTROLNET"}
 EXPECTED_NODES = {
     "SD35CheckpointLoader", "SD35TextEncoderLoader", "SD35VAELoader", "SD35ControlNetLoader", "SD35TextEncode",
     "SD35EmptyLatent", "SD35Sampler", "SD35VAEDecode", "SD35VAEEncode", "SD35VAEEncodeForInpaint",
     "SD35ControlNetApply",
     "SD35CannyPreprocessor", "SD35BlurPreprocessor", "SD35DepthNormalize", "SD35ToComfyModel",
+    "SD35ToComfyVAE",
     "SD35LoraLoader",
 }
 

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -45,6 +46,13 @@ CORE_NODES = {
         "bottom": ("INT", {"default": 0, "min": 0, "max": 16384, "step": 8}),
         "feathering": ("INT", {"default": 40, "min": 0, "max": 16384, "step": 1}),
     }}, ("IMAGE", "MASK")),
+    "CheckpointLoaderSimple": ({"required": {"ckpt_name": (FILES,)}}, ("MODEL", "CLIP", "VAE")),
+    "LoraLoaderModelOnly": ({"required": {
+        "model": ("MODEL",),
+        "lora_name": (FILES,),
+        "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}),
+    }}, ("MODEL",)),
+    "VAEDecode": ({"required": {"samples": ("LATENT",), "vae": ("VAE",)}}, ("IMAGE",)),
 }
 # Nodes the frontend itself provides (never sent to the server), with their widgets.
 FRONTEND_ONLY = {"Note": ["text"]}
@@ -56,9 +64,11 @@ FILE_INPUTS = {
     ("SD35CheckpointLoader", "ckpt_name"), ("SD35TextEncoderLoader", "clip_l_name"),
     ("SD35TextEncoderLoader", "clip_g_name"), ("SD35TextEncoderLoader", "t5xxl_name"),
     ("SD35VAELoader", "vae_name"), ("SD35ControlNetLoader", "control_net_name"), ("SD35LoraLoader", "lora_name"),
+    ("CheckpointLoaderSimple", "ckpt_name"), ("LoraLoaderModelOnly", "lora_name"),
 }
 
-# Which model each workflow is for, and whether it uses its skip-layer guidance.
+# Which model each workflow is for, and whether it uses its skip-layer guidance (True), or none (False), or the
+# skip-layer guidance of the variant named (at the workflow's own cfg).
 WORKFLOW_MODELS = {
     "sd3.5_medium_txt2img_slg": ("sd3.5_medium", True),
     "sd3.5_large_txt2img": ("sd3.5_large", False),
@@ -71,6 +81,7 @@ WORKFLOW_MODELS = {
     "sd3.5_large_controlnet_canny": ("sd3.5_large_controlnet_canny", False),
     "sd3.5_large_controlnet_blur": ("sd3.5_large_controlnet_blur", False),
     "sd3.5_large_controlnet_depth": ("sd3.5_large_controlnet_depth", False),
+    "sd3.5_large_native_lora_controlnet": ("sd3.5_large_controlnet_canny", "sd3.5_medium"),
 }
 TITLE_HEIGHT = 30  # the frontend draws a node's title bar above its position
 
@@ -215,10 +226,12 @@ def test_ui_workflow_is_laid_out_for_a_person(name):
     for path in ("models/checkpoints/", "models/text_encoders/", "clip_l.safetensors", "clip_g.safetensors",
                  "t5xxl_fp16.safetensors"):
         assert path in text, path
-    if "controlnet" in name:
-        assert f"models/controlnet/{name}.safetensors" in text
-    (ckpt,) = [n for n in nodes if n["type"] == "SD35CheckpointLoader"]
+    for cn in [n for n in nodes if n["type"] == "SD35ControlNetLoader"]:
+        assert f"models/controlnet/{cn['widgets_values'][0]}" in text
+    (ckpt,) = [n for n in nodes if n["type"] in ("SD35CheckpointLoader", "CheckpointLoaderSimple")]
     assert f"models/checkpoints/{ckpt['widgets_values'][0]}" in text
+    for lora in [n for n in nodes if n["type"] == "LoraLoaderModelOnly"]:
+        assert f"models/loras/{lora['widgets_values'][0]}" in text
     (save,) = [n for n in nodes if n["type"] == "SaveImage"]
     assert save["inputs"][0]["link"] is not None
 
@@ -228,7 +241,9 @@ def test_sampler_has_the_recommended_settings(name, specs):
     from sd35_core.defaults import defaults_for
 
     variant, slg = WORKFLOW_MODELS[name]
-    settings = defaults_for(variant, slg=slg)
+    settings = defaults_for(variant, slg=slg is True)
+    if isinstance(slg, str):
+        settings = replace(settings, slg=defaults_for(slg, slg=True).slg)
     wf = load(f"{name}.json")
     (sampler,) = [n for n in wf["nodes"] if n["type"] == "SD35Sampler"]
     values = dict(zip(specs["SD35Sampler"].widgets, sampler["widgets_values"], strict=True))
