@@ -12,7 +12,9 @@ It imports ComfyUI (``--cpu``) and this pack as ComfyUI would, then measures and
 - ``patch_calls``: how often that block patch ran;
 - ``lowvram``: for ComfyUI's LoraLoader on our bridged model loaded partially (low-VRAM mode), the largest
   difference of the patched weights from the LoRA merged by plain arithmetic, and of the weights after the
-  model is unpatched from the original ones.
+  model is unpatched from the original ones;
+- ``gguf_lora``: the error ComfyUI's LoRA loading raises on our model loaded from a Q8_0 GGUF file (``None``
+  if it did not refuse).
 """
 
 import importlib.util
@@ -22,6 +24,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PACK = "comfyui_sd35"
+GGUF_NAME = "comfy-sd3.5_medium-Q8_0.gguf"  # written by the test (the gguf package is not in ComfyUI's venv)
 
 
 def import_comfyui_and_pack():
@@ -102,6 +105,16 @@ def main(models_root: str, out_path: str) -> None:
     lora_model.unpatch_model(torch.device("cpu"))
     restored_diff = max((ours.mmdit.state_dict()[k] - original[k]).abs().max().item() for k in original)
     result["lowvram"] = {"patched_vs_merged": patched_diff, "restored_vs_original": restored_diff}
+
+    # The same LoRA on our model loaded from a Q8_0 GGUF file: ComfyUI's patch arithmetic cannot act on blocks.
+    gguf_model = nodes["SD35CheckpointLoader"]().load(os.path.join(models_root, "diffusion_models", GGUF_NAME),
+                                                      "fp32")["result"][0]
+    (gguf_bridged,) = nodes["SD35ToComfyModel"]().convert(gguf_model, 0.0)
+    try:
+        comfy.sd.load_lora_for_models(gguf_bridged, None, lora, 0.8, 0)
+        result["gguf_lora"] = None
+    except ValueError as e:
+        result["gguf_lora"] = str(e)
     with open(out_path, "w") as f:
         json.dump(result, f)
 

@@ -10,13 +10,14 @@ are described in bridge_models.py.
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from .bridge_models import LORA_STRENGTH, BridgeFiles, write_bridge_models
-from .comfyui_server import COMFYUI_PATH, SHARED, comfyui_python, start_server
+from .comfyui_server import COMFYUI_PATH, ROOT, SHARED, comfyui_python, start_server
 
 pytestmark = pytest.mark.skipif(
     not COMFYUI_PATH, reason="COMFYUI_PATH is not set: the real-ComfyUI host tests need a ComfyUI checkout"
@@ -288,6 +289,16 @@ def test_native_model_sampling_shift_is_honoured_and_guidance_patches_are_refuse
 
 def test_inside_comfyui_block_patches_take_native_passes_and_partial_loads_keep_lora_patches(models, tmp_path):
     # bridge_inprocess.py sets up, inside one ComfyUI process, what no shipped ComfyUI node does.
+    from .bridge_inprocess import GGUF_NAME
+
+    # The comfy-shaped model as a Q8_0 GGUF file, written by the gguf package in a fresh interpreter (a folder
+    # named gguf beside the checkout would shadow the package on pytest's path).
+    write = ("import sys; from bench.gguf_write import write_gguf; from sd35_core.tiny import tiny_mmdit; "
+             "from tests.host.bridge_models import COMFY_DEPTH, COMFY_WIDTH; "
+             "m = tiny_mmdit('sd3.5_medium', 5, depth=COMFY_DEPTH, hidden=COMFY_WIDTH); "
+             "write_gguf(sys.argv[1], m.state_dict(), 'Q8_0')")
+    subprocess.run([sys.executable, "-c", write, os.path.join(models.root, "diffusion_models", GGUF_NAME)],
+                   cwd=ROOT, check=True, timeout=300)
     out = tmp_path / "inprocess.json"
     subprocess.run([comfyui_python(), os.path.join(os.path.dirname(__file__), "bridge_inprocess.py"), models.root,
                     str(out)], cwd=COMFYUI_PATH, check=True, timeout=600,
@@ -302,6 +313,9 @@ def test_inside_comfyui_block_patches_take_native_passes_and_partial_loads_keep_
     # A low-VRAM partial load leaves ComfyUI's LoRA patches to layers that cast on the fly; ours get them anyway.
     assert result["lowvram"]["patched_vs_merged"] <= 1e-6
     assert result["lowvram"]["restored_vs_original"] == 0.0
+    # GGUF-quantized layers keep blocks under the official keys: ComfyUI's weight patches are refused by name.
+    assert result["gguf_lora"] is not None and "GGUF-quantized" in result["gguf_lora"]
+    assert "joint_blocks.0.x_block.attn.qkv.weight" in result["gguf_lora"]
 
 
 def test_shipped_mixed_workflow_runs_and_equals_the_same_graph_of_our_nodes(server):
