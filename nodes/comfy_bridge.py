@@ -218,8 +218,8 @@ def load_native(native: NativeModel, extra: list, memory_required: int) -> tuple
     options = patcher.model_options.get("transformer_options", {})
     object_patches = [k for k in patcher.object_patches if k != "model_sampling"]
     reason: str | None = None
-    if any(options.get(k) for k in ("patches", "patches_replace")):
-        reason = "it carries transformer patches"
+    if options:  # block patches, attention overrides ...: ComfyUI's MMDiT hands them to its blocks and attention
+        reason = f"it carries transformer options ({', '.join(sorted(options))})"
     elif object_patches:
         reason = f"it carries object patches ({', '.join(object_patches)})"
     elif isinstance(diffusion, ComfyMMDiT):

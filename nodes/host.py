@@ -210,11 +210,6 @@ def comfy_bridge():
     return bridge
 
 
-def is_native_model(value) -> bool:
-    """Whether ``value`` is a ComfyUI ``MODEL`` (a ModelPatcher); always false outside ComfyUI."""
-    return _model_patcher is not None and isinstance(value, _model_patcher.ModelPatcher)
-
-
 # --------------------------------------------------------------------------------------------- memory
 
 class _Holder(torch.nn.Module):
