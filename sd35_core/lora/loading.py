@@ -77,8 +77,15 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
     return LoraFile(file.path, groups, tuple(unknown), dict(file.metadata))
 
 
+UNSUPPORTED_KINDS = {".oft_blocks": "OFT", ".oft_diag": "OFT", ".oft_R.weight": "OFT", ".boft_blocks": "BOFT",
+                     ".a1.weight": "GLoRA", ".b1.weight": "GLoRA"}
+
+
 def _foreign_hint(names) -> str:
     names = list(names)
+    kinds = sorted({kind for n in names for suffix, kind in UNSUPPORTED_KINDS.items() if n.endswith(suffix)})
+    if kinds:
+        return f"; it is a LyCORIS {'/'.join(kinds)} file, which this pack does not apply (LoRA, LoHa, LoKr, DoRA do)"
     if any("input_blocks" in n or "down_blocks" in n or "lora_unet_down" in n or "lora_unet_up" in n for n in names):
         return "; it looks like an SD1.x/SDXL (UNet) LoRA"
     if any("double_blocks" in n or "single_blocks" in n or "single_transformer_blocks" in n for n in names):
@@ -206,6 +213,11 @@ def describe_unmatched(lora: LoraFile, used: set[str]) -> list[str]:
     return sorted(left) + list(lora.unknown)
 
 
+def unknown_hint(lora: LoraFile) -> str:
+    """What the keys without a LoRA suffix are, when they are a kind this pack does not apply."""
+    return _foreign_hint(lora.unknown)
+
+
 def what_it_looks_like(lora: LoraFile) -> str:
     """A guess for a file that matched nothing: another architecture, or another SD3 size."""
     hint = _foreign_hint(lora.groups)
@@ -279,9 +291,9 @@ def load_lora(
     if skipped_text:
         log.info("%s: %d text-encoder LoRA modules not applied (no clip connected)", lora.name, len(skipped_text))
     if left:
-        log.warning("%s: %d of %d LoRA modules match nothing in this model and are ignored: %s%s", lora.name,
+        log.warning("%s: %d of %d LoRA modules match nothing in this model and are ignored: %s%s%s", lora.name,
                     len(left), len(lora.groups) + len(lora.unknown), ", ".join(left[:5]),
-                    " ..." if len(left) > 5 else "")
+                    " ..." if len(left) > 5 else "", unknown_hint(lora))
     return LoadedLora(
         _freeze(model_res, lora.path) if model_res is not None and model_res.patches else None,
         _freeze(text_res, lora.path) if text_res is not None and text_res.patches else None,

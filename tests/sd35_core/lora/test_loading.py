@@ -79,3 +79,10 @@ def test_text_encoder_modules_without_a_clip_are_skipped_not_errors(tmp_path, me
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     encoders = torch.nn.ModuleDict({"clip_l": tiny_clip("clip_l")})
     assert len(load_lora(path, mmdit=medium, text_encoders=encoders).clip) == 1
+
+
+def test_an_oft_file_says_it_is_a_kind_that_is_not_applied(tmp_path, medium):
+    path = str(tmp_path / "oft.safetensors")
+    save_file({"lycoris_transformer_blocks_0_attn_to_q.oft_blocks": torch.zeros(4, 32, 32)}, path)
+    with pytest.raises(LoraError, match=r"oft\.safetensors.*LyCORIS OFT file"):
+        read_lora(path)
