@@ -51,11 +51,6 @@ class SD35ToComfyModel:
 
     def convert(self, model, shift: float = 0.0):
         model = require_type(model, SD35Model, "model", NODE)
-        if model.loras:
-            # The MODEL shares the base module and ComfyUI's own patching; an SD3.5 LoRA Loader stack would be lost.
-            raise ValueError(f"{NODE}: this model comes through SD3.5 LoRA Loader, whose LoRAs do not travel into a "
-                             "ComfyUI MODEL; connect the checkpoint's model here and apply the LoRA to the MODEL "
-                             "with ComfyUI's LoraLoaderModelOnly (it patches our model by its official keys)")
         bridge = host.comfy_bridge()
         if bridge is None:
             raise ValueError(f"{NODE}: a ComfyUI MODEL exists only inside ComfyUI")

@@ -78,9 +78,3 @@ def test_wrong_inputs_are_clear_errors(run_node, base):
         run_node("SD35LoraLoader", model=model, lora_name="missing.safetensors", strength_model=1.0,
                  strength_clip=1.0)
 
-
-def test_a_lora_model_is_not_silently_bridged_without_its_loras(run_node, base):
-    model, clip = base
-    l_model, _ = _lora(run_node, model, clip)
-    with pytest.raises(ValueError, match="LoraLoaderModelOnly"):
-        run_node("SD35ToComfyModel", model=l_model, shift=0.0)
