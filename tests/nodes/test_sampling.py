@@ -242,7 +242,7 @@ def test_controlnet_apply_attaches_the_hint_and_the_sampler_runs_it(run_node, pa
     (out,) = run_node("SD35Sampler", model=model, positive=cpos, negative=cneg, latent=latent,
                       **sampler_inputs(steps=4))
 
-    pixels = prepare_control_image(edges, SIZE, SIZE, "canny")
+    pixels = prepare_control_image(edges, SIZE, SIZE, "canny", resize_mode="crop")  # the node's default
     hint = ControlHint(cn.controlnet, process_in(vae.vae.encode(pixels)), 0.8, 0.0, 0.5)
     request = SampleRequest(steps=4, cfg=4.0, sampler="euler", shift=3.0, seed=7, controls=[hint])
     expected = pipeline.txt2img(model.mmdit, entries(pos), entries(neg), request, width=SIZE, height=SIZE)
