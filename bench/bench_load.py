@@ -9,11 +9,12 @@ Options: ``--dtypes fp16,fp32`` (the dtype the model is loaded into, by both), `
 ``--python`` (the interpreter of the worker processes; default ``$COMFYUI_PYTHON``, else this one, so both
 loaders run on the same torch). Prints one JSON object on stdout.
 
-Every load runs in a fresh process, ours and ComfyUI's alternating, so each peak RSS (``ru_maxrss``) is the
-process's own and both see the same page cache. ``load_s`` is the wall time of the load call alone (imports
-excluded); ``touch_s`` is the time to then read one element of every 4 KiB page of every weight, which
-pages in weights that are memory-mapped rather than copied, and ``ready_s`` their sum, the honest figure
-to compare (a zero-copy load defers reading the file to the first use). Ours is
+Every load runs in a fresh process, ours and ComfyUI's alternating, so each peak RSS (VmHWM) is the process's
+own and both see the same page cache. ``load_s`` is the wall time of the load call alone (imports excluded)
+and ``load_cpu_s`` the CPU time the process spent in it (user + system, all threads: the work done, less
+sensitive than wall time to a busy machine); ``touch_s`` is the time to then read one element of every 4 KiB
+page of every weight, which pages in weights that are memory-mapped rather than copied, and ``ready_s`` their
+sum, the honest figure to compare (a zero-copy load defers reading the file to the first use). Ours is
 ``sd35_core.loader.load_checkpoint`` (diffusion model and VAE), ComfyUI's is
 ``comfy.sd.load_checkpoint_guess_config`` with its VAE and without text encoders (the file has none), on
 the CPU. Memory-mapped file pages count in RSS while they are touched, for both.
@@ -55,6 +56,12 @@ def _maxrss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
+def _cpu_s() -> float:
+    """User + system CPU seconds of this process, all threads: the work done, whatever else the machine runs."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _n_params(module) -> int:
     return sum(t.numel() for t in module.state_dict().values())
 
@@ -84,9 +91,9 @@ def _worker(spec: dict) -> dict:
         from sd35_core.loader import load_checkpoint
 
         import_rss = _rss_mb()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_s()
         parts = load_checkpoint(spec["path"], spec["dtype"], "cpu")
-        load_s = time.perf_counter() - t0
+        load_s, load_cpu = time.perf_counter() - t0, _cpu_s() - c0
         model, vae = parts.model.mmdit, parts.vae
         got_dtype = str(model.context_embedder.weight.dtype)
         n = _n_params(model) + (_n_params(vae) if vae is not None else 0)
@@ -100,11 +107,11 @@ def _worker(spec: dict) -> dict:
         import comfy.sd
 
         import_rss = _rss_mb()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_s()
         patcher, _, vae, _ = comfy.sd.load_checkpoint_guess_config(
             spec["path"], output_vae=True, output_clip=False, model_options={"dtype": dtype}
         )
-        load_s = time.perf_counter() - t0
+        load_s, load_cpu = time.perf_counter() - t0, _cpu_s() - c0
         dm = patcher.model.diffusion_model
         got_dtype = str(next(dm.parameters()).dtype)
         n = _n_params(dm) + _n_params(vae.first_stage_model)
@@ -113,6 +120,7 @@ def _worker(spec: dict) -> dict:
         "impl": spec["impl"],
         "dtype": spec["dtype"],
         "load_s": round(load_s, 3),
+        "load_cpu_s": round(load_cpu, 3),
         "touch_s": round(touch_s, 3),
         "ready_s": round(load_s + touch_s, 3),
         "peak_rss_mb": round(_maxrss_mb(), 1),
@@ -134,7 +142,7 @@ def run_worker(python: str, spec: dict) -> dict:
 
 def summarize(runs: list[dict]) -> dict:
     out = {k: runs[0][k] for k in ("weights_dtype", "tensor_elements", "torch")}
-    for key in ("load_s", "touch_s", "ready_s"):
+    for key in ("load_s", "load_cpu_s", "touch_s", "ready_s"):
         out[key] = round(statistics.median(r[key] for r in runs), 3)
     out["load_s_all"] = [r["load_s"] for r in runs]
     out["ready_s_all"] = [r["ready_s"] for r in runs]
@@ -193,6 +201,7 @@ def main(argv=None) -> int:
         if "ours" in entry and "comfyui" in entry:
             entry["load_vs_comfyui"] = round(entry["ours"]["load_s"] / entry["comfyui"]["load_s"], 3)
             entry["ready_vs_comfyui"] = round(entry["ours"]["ready_s"] / entry["comfyui"]["ready_s"], 3)
+            entry["load_cpu_vs_comfyui"] = round(entry["ours"]["load_cpu_s"] / entry["comfyui"]["load_cpu_s"], 3)
             entry["peak_rss_vs_comfyui"] = round(entry["ours"]["peak_rss_mb"] / entry["comfyui"]["peak_rss_mb"], 3)
         result["results"][dtype] = entry
     print(json.dumps(result, indent=2))
