@@ -16,9 +16,11 @@ times that call.
 Each implementation runs in its own process, ours and ComfyUI's alternating for ``--repeats`` rounds, with
 the same interpreter (``--python``: default ``$COMFYUI_PYTHON``, else this one) and thread count; every
 process warms up, then times ``--calls`` steps. ``step_s_*`` is the median over all timed steps,
-``step_vs_comfyui`` ours / ComfyUI's (below 1: ours is faster), ``max_abs_diff`` between the two denoised
-predictions (float32, CPU). Peak memory: RSS growth over the post-import baseline on the CPU, peak
-allocated memory on CUDA. Default shape: SD3.5 Medium's structure at hidden 512 and depth 8 (ComfyUI
+``step_vs_comfyui`` ours / ComfyUI's (below 1: ours is faster); ``step_cpu_s_*`` and
+``step_cpu_vs_comfyui`` the same for the CPU time of the worker process during the step (the work done, less
+sensitive than wall time to a busy machine; with one thread it includes no spinning), ``max_abs_diff``
+between the two denoised predictions (float32, CPU). Peak memory: RSS growth over the post-import baseline
+on the CPU, peak allocated memory on CUDA. Default shape: SD3.5 Medium's structure at hidden 512 and depth 8 (ComfyUI
 derives the block count from the width, so depth = hidden / 64), a 256x256 image (CFG batch of 2) and 154
 context tokens, fp32 on the CPU; ``--device cuda`` defaults to bf16. Prints one JSON object on stdout.
 """
@@ -122,6 +124,12 @@ def make_inputs(spec: dict):
     return noise, cond, uncond
 
 
+def _cpu_s() -> float:
+    """User + system CPU seconds of this process (all threads): the work a step did, whatever else ran."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _sync(device: str) -> None:
     import torch
 
@@ -136,12 +144,14 @@ def _time_calls(step, spec: dict) -> tuple[list[float], float, object]:
     out = step()
     _sync(device)
     warmup = time.perf_counter() - t0
-    times = []
+    times, cpu = [], []
     for _ in range(spec["calls"]):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_s()
         out = step()
         _sync(device)
         times.append(time.perf_counter() - t0)
+        cpu.append(_cpu_s() - c0)
+    spec["cpu_times"] = cpu  # read back by the worker
     return times, warmup, out
 
 
@@ -230,7 +240,8 @@ def _worker(spec: dict) -> dict:
     peak = {"peak_rss_growth_mb": round(_maxrss_mb() - base_rss, 1)}
     if cuda:
         peak["peak_vram_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return {"impl": spec["impl"], "times": times, "warmup_s": warmup, "options": options, "torch": torch.__version__,
+    return {"impl": spec["impl"], "times": times, "cpu_times": spec.get("cpu_times", []),
+            "warmup_s": warmup, "options": options, "torch": torch.__version__,
             "threads": torch.get_num_threads(), **peak}
 
 
@@ -284,6 +295,7 @@ def run(args: argparse.Namespace, tmp: str) -> dict:
         result[f"step_s_{impl}"] = round(statistics.median(times), 5)
         result[f"step_s_{impl}_all"] = [round(t, 5) for t in times]
         result[f"warmup_s_{impl}"] = round(statistics.median(r["warmup_s"] for r in rs), 4)
+        result[f"step_cpu_s_{impl}"] = round(statistics.median(t for r in rs for t in r["cpu_times"]), 5)
         result[f"peak_rss_growth_mb_{impl}"] = max(r["peak_rss_growth_mb"] for r in rs)
         if "peak_vram_mb" in rs[0]:
             result[f"peak_vram_mb_{impl}"] = max(r["peak_vram_mb"] for r in rs)
@@ -293,6 +305,7 @@ def run(args: argparse.Namespace, tmp: str) -> dict:
             result["options"].update(rs[0]["options"])
     if "ours" in runs and "comfyui" in runs:
         result["step_vs_comfyui"] = round(result["step_s_ours"] / result["step_s_comfyui"], 3)
+        result["step_cpu_vs_comfyui"] = round(result["step_cpu_s_ours"] / result["step_cpu_s_comfyui"], 3)
         result["max_abs_diff"] = float((outputs["ours"] - outputs["comfyui"]).abs().max())
         result["output_scale"] = float(outputs["comfyui"].abs().max())
     return result
