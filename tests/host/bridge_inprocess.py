@@ -24,7 +24,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PACK = "comfyui_sd35"
-GGUF_NAME = "comfy-sd3.5_medium-Q8_0.gguf"  # written by the test (the gguf package is not in ComfyUI's venv)
+GGUF_NAME = "comfy-sd3.5_large-Q8_0.gguf"  # written by the test (the gguf package is not in ComfyUI's venv)
 
 
 def import_comfyui_and_pack():

@@ -1,8 +1,8 @@
 """Extra tiny files for the bridge host tests, written next to the tiny model set (plain code, no fixtures).
 
-- ``comfy-sd3.5_medium.safetensors``: an SD3.5-Medium-like checkpoint whose width is 64 x its block count, the
-  only shape ComfyUI's own MMDiT can load (its detection sizes a model as ``hidden = 64 * depth``). No VAE:
-  ComfyUI's VAE builder knows only the full-size layout.
+- ``comfy-sd3.5_large.safetensors``: an SD3.5-Large-like checkpoint (what the 8b ControlNets are for) whose
+  width is 64 x its block count, the only shape ComfyUI's own MMDiT can load (its detection sizes a model as
+  ``hidden = 64 * depth``). No VAE: ComfyUI's VAE builder knows only the full-size layout.
 - LoRA files in the kohya layout (``lora_unet_<key>.lora_down/lora_up/alpha``) for both diffusion models, and
   for each a checkpoint with that LoRA merged by plain arithmetic, ``W + strength * alpha / rank * up @ down``:
   the independent reference for what a LoRA loader must compute.
@@ -30,8 +30,8 @@ LORA_TARGETS = ("joint_blocks.0.x_block.attn.qkv", "joint_blocks.1.context_block
 class BridgeFiles:
     """Names (as ComfyUI lists them) of the extra files."""
 
-    comfy_checkpoint: str = "comfy-sd3.5_medium.safetensors"
-    comfy_merged: str = "comfy-sd3.5_medium-lora.safetensors"
+    comfy_checkpoint: str = "comfy-sd3.5_large.safetensors"
+    comfy_merged: str = "comfy-sd3.5_large-lora.safetensors"
     comfy_lora: str = "comfy-lora.safetensors"
     medium_merged: str = "tiny-sd3.5_medium-lora.safetensors"
     medium_lora: str = "medium-lora.safetensors"
@@ -76,7 +76,7 @@ def write_bridge_models(root: str, seed: int = 0) -> BridgeFiles:
     names = BridgeFiles()
     ckpts, loras = os.path.join(root, "checkpoints"), os.path.join(root, "loras")
     prefix = "model.diffusion_model."
-    comfy = tiny_mmdit("sd3.5_medium", seed + 5, depth=COMFY_DEPTH, hidden=COMFY_WIDTH)
+    comfy = tiny_mmdit("sd3.5_large", seed + 5, depth=COMFY_DEPTH, hidden=COMFY_WIDTH)
     save_state(os.path.join(ckpts, names.comfy_checkpoint), {prefix: comfy.state_dict()})
     medium = tiny_mmdit("sd3.5_medium", seed)  # the weights of the tiny set's tiny-sd3.5_medium.safetensors
     for model, lora_name, merged_name, lora_seed in ((comfy, names.comfy_lora, names.comfy_merged, seed + 6),

@@ -295,7 +295,7 @@ def test_inside_comfyui_block_patches_take_native_passes_and_partial_loads_keep_
     # named gguf beside the checkout would shadow the package on pytest's path).
     write = ("import sys; from bench.gguf_write import write_gguf; from sd35_core.tiny import tiny_mmdit; "
              "from tests.host.bridge_models import COMFY_DEPTH, COMFY_WIDTH; "
-             "m = tiny_mmdit('sd3.5_medium', 5, depth=COMFY_DEPTH, hidden=COMFY_WIDTH); "
+             "m = tiny_mmdit('sd3.5_large', 5, depth=COMFY_DEPTH, hidden=COMFY_WIDTH); "
              "write_gguf(sys.argv[1], m.state_dict(), 'Q8_0')")
     subprocess.run([sys.executable, "-c", write, os.path.join(models.root, "diffusion_models", GGUF_NAME)],
                    cwd=ROOT, check=True, timeout=300)

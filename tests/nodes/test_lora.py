@@ -78,3 +78,10 @@ def test_wrong_inputs_are_clear_errors(run_node, base):
         run_node("SD35LoraLoader", model=model, lora_name="missing.safetensors", strength_model=1.0,
                  strength_clip=1.0)
 
+
+def test_a_lora_model_bridges_only_inside_comfyui(run_node, base):
+    # Inside ComfyUI the LoRA stack rides into the MODEL as weight patches (tests/host/test_bridge_host.py).
+    model, clip = base
+    l_model, _ = _lora(run_node, model, clip)
+    with pytest.raises(ValueError, match="only inside ComfyUI"):
+        run_node("SD35ToComfyModel", model=l_model, shift=0.0)
