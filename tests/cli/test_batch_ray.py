@@ -116,14 +116,31 @@ def test_rows_are_the_images_sd35_generate_makes(ray_session, tiny_models, gener
     assert len(job_records(tmp_path / "out")[0]) == 12
 
 
+def _parent(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def _ours(pid):
+    """Whether ``pid`` descends from this test process (the local Ray it started), not another Ray's worker."""
+    try:
+        while pid > 1:
+            pid = _parent(pid)
+            if pid == os.getpid():
+                return True
+    except OSError:
+        pass
+    return False
+
+
 def _rendering_workers():
-    """PIDs of Ray worker processes busy in RowWorker.render (Ray names the process after the running task)."""
+    """PIDs of this session's Ray workers busy in RowWorker.render (Ray names a worker after its running task)."""
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if f.read().startswith(b"ray::RowWorker.render"):
+                    if f.read().startswith(b"ray::RowWorker.render") and _ours(int(entry)):
                         pids.append(int(entry))
             except OSError:
                 continue

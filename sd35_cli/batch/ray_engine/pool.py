@@ -11,6 +11,7 @@ time. Ctrl-C kills the workers and returns with what is recorded so far.
 from __future__ import annotations
 
 import collections
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from ..manifest import Manifest
 from ..progress import Progress
 from ..runner import RunResult, write_atomic
 from .jobs import RowJob
-from .worker import RowResult, RowWorker
+from .worker import Loaded, RowResult, RowWorker
 
 ATTEMPTS = 2  # a row is redone once after its worker died under it
 WAIT_S = 0.5  # how long one look at the workers waits (Ctrl-C is seen between looks)
@@ -40,7 +41,6 @@ class PoolConfig:
 
 @dataclass
 class _Worker:
-    index: int
     handle: Any
     label: str
     ready: bool = False
@@ -102,23 +102,23 @@ class RayPool:
 
     # ------------------------------------------------------------------------------------------- workers
 
-    def _spawn(self, index: int | None = None) -> _Worker:
+    def _spawn(self) -> _Worker:
         handle = self._actor.remote(self.config.options, int(max(1, self.config.cpus_per_worker)))
         self._spawned += 1
-        w = _Worker(self._spawned - 1 if index is None else index, handle, f"worker {self._spawned}")
+        w = _Worker(handle, f"worker {self._spawned}")
         self.state.flights[handle.load.remote()] = ("load", w)
         return w
 
     def _kill(self, w: _Worker) -> None:
         try:
             self.ray.kill(w.handle, no_restart=True)
-        except Exception:  # noqa: BLE001 - already gone
+        except Exception:  # already gone
             pass
 
     def _replace(self, w: _Worker, reason: str) -> None:
         self._kill(w)
         self.progress.idle(w.label)
-        fresh = self._spawn(w.index)
+        fresh = self._spawn()
         self.workers[self.workers.index(w)] = fresh
         self.progress.message(f"{w.label} died ({reason}); {fresh.label} replaces it")
 
@@ -142,15 +142,20 @@ class RayPool:
             kind, w = self.state.flights.pop(ref)
             try:
                 value = self.ray.get(ref)
-            except self.ray.exceptions.RayActorError as e:
+            except self.ray.exceptions.RayError as e:  # the actor died, or its node, or Ray killed it (memory)
                 self._died(kind, w, e)
                 continue
             if kind == "load":
-                if value is not None:
-                    raise WorkerLoadError(f"{w.label} could not load the models: {value}")
-                w.ready = True
+                self._loaded(w, value)
                 continue
             self._finished(w, value)
+
+    def _loaded(self, w: _Worker, report: Loaded) -> None:
+        if report.error is not None:
+            raise WorkerLoadError(f"{w.label} could not load the models: {report.error}")
+        w.ready = True
+        if not self.progress.quiet:
+            self.progress.message(f"{w.label} ready on {report.where} (models loaded in {report.seconds:.1f}s)")
 
     def _died(self, kind: str, w: _Worker, error: Exception) -> None:
         reason = _death_reason(error)
@@ -174,8 +179,6 @@ class RayPool:
         if result.error is not None:
             self._record(job, "error", w.label, error=result.error, seconds=result.seconds)
             return
-        import os
-
         write_atomic(os.path.join(self.out_dir, job.file_name), result.png)
         self._record(job, "done", w.label, files=[job.file_name], seconds=result.seconds)
 

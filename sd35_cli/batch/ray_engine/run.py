@@ -90,8 +90,14 @@ def run_ray(args: argparse.Namespace, rows: Sequence[Row]) -> int:
     started = connect(args.address)
     ray = import_ray()
     try:
-        workers, cpus, gpus = plan_workers(ray.cluster_resources(), args.workers, args.cpus_per_worker,
-                                           args.gpus_per_worker, base.device)
+        resources = ray.cluster_resources()
+        workers, cpus, gpus = plan_workers(resources, args.workers, args.cpus_per_worker, args.gpus_per_worker,
+                                           base.device)
+        for name, each in (("CPU", cpus), ("GPU", gpus)):
+            have = resources.get(name, 0.0)
+            if each * min(workers, len(todo)) > have:
+                progress.message(f"note: {min(workers, len(todo))} worker(s) x {each:g} {name} is more than the "
+                                 f"{have:g} {name} Ray has now; the workers beyond wait until it has room")
         config = PoolConfig(base, min(workers, len(todo)), cpus, gpus)
         manifest.append({"type": "run", "engine": "ray", "model": os.path.abspath(base.model),
                          "prompts": os.path.abspath(args.prompts), "workers": config.workers,

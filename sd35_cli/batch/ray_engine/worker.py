@@ -20,6 +20,15 @@ from ...main import UsageError
 
 
 @dataclass(frozen=True)
+class Loaded:
+    """What a worker reports after loading: where it runs, how long loading took, or why it failed."""
+
+    where: str  # host:pid
+    seconds: float
+    error: str | None = None
+
+
+@dataclass(frozen=True)
 class RowResult:
     """What a worker sends back for one row: the PNG (``None`` on failure), the error, its seconds."""
 
@@ -45,22 +54,20 @@ class RowWorker:
         self.threads = threads
         self.loaded = None
 
-    def load(self) -> str | None:
-        """Load the models; ``None`` when ready, else the reason they could not be loaded (one line)."""
+    def load(self) -> Loaded:
+        """Load the models; the report says where this worker runs, or why the models could not be loaded."""
         import torch
 
         from ...generate.models import load_models, pick_device
 
+        t = time.perf_counter()
+        where = f"{socket.gethostname()}:{os.getpid()}"
         torch.set_num_threads(max(1, self.threads))  # the CPUs Ray gave this worker, not the whole machine's
         try:
             self.loaded = load_models(self.opts, pick_device(self.opts.device))
         except Exception as e:  # reported by the driver, which stops the run: every worker would fail alike
-            return _one_line(e)
-        return None
-
-    def where(self) -> str:
-        """``host:pid`` of this worker process (for the log and the manifest)."""
-        return f"{socket.gethostname()}:{os.getpid()}"
+            return Loaded(where, time.perf_counter() - t, _one_line(e))
+        return Loaded(where, time.perf_counter() - t)
 
     def render(self, opts: GenerateOptions, seed: int) -> RowResult:
         """One row: ``opts`` are the run's options with the row's columns; the image as PNG bytes."""
