@@ -19,16 +19,16 @@ from .workflow import describe_targets, is_link, load_workflow, resolve_targets,
 
 PROG = "sd35 batch"
 ENGINES = ("comfyui", "ray")
-# sd35 generate's options that --engine ray takes, with generate's names and parsing. Not: --prompt, --seed and
-# --verbose (the batch's own), --out_dir/--postfix/--seed_type/--save_latent/--json (the batch decides those).
+# sd35 generate's options that --engine ray takes, with generate's names and parsing; the others are the batch's
+# own (--seed, --verbose) or decided by it (the prompt comes from the rows, the files' names and folder).
 RAY_GENERATE_OPTIONS = (
     "model", "model_folder", "vae", "clip_l", "clip_g", "t5xxl", "tokenizers", "comfyui", "controlnet_ckpt",
-    "controlnet_cond_image", "controlnet_strength", "controlnet_preprocess", "init_image", "denoise", "resize_mode",
-    "dtype",
-    "device", "text_encoder_device", "lora", "negative_prompt", "sampler", "steps", "cfg", "shift", "width",
-    "height", "skip_layer_cfg", "slg_layers", "slg_scale", "slg_start", "slg_end", "slg_window", "mask",
+    "controlnet_cond_image", "controlnet_strength", "controlnet_preprocess", "resize_mode", "init_image", "denoise",
+    "dtype", "device", "text_encoder_device", "lora", "negative_prompt", "sampler", "steps", "cfg", "shift",
+    "width", "height", "skip_layer_cfg", "slg_layers", "slg_scale", "slg_start", "slg_end", "slg_window", "mask",
     "grow_mask", "mask_mode", "cache_threshold", "compile",
 )
+RAY_NOT_GENERATE_OPTIONS = ("prompt", "seed", "verbose", "out_dir", "postfix", "seed_type", "save_latent", "json")
 log = logging.getLogger("sd35_cli.batch")
 
 HELP = "render a prompts file through ComfyUI servers, or on Ray, and bring every image home"

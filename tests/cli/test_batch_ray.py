@@ -284,6 +284,13 @@ def test_options_that_do_not_fit_the_ray_engine_are_refused(tiny_models, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+def test_every_sd35_generate_option_is_taken_by_the_ray_engine_or_decided_by_the_batch():
+    from sd35_cli.batch.cli import RAY_GENERATE_OPTIONS, RAY_NOT_GENERATE_OPTIONS
+    from sd35_cli.generate import GenerateOptions
+
+    assert sorted(RAY_GENERATE_OPTIONS + RAY_NOT_GENERATE_OPTIONS) == sorted(GenerateOptions.__dataclass_fields__)
+
+
 def test_ray_options_are_refused_by_the_comfyui_engine(tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\n")
