@@ -226,8 +226,13 @@ class DismantledBlock(nn.Module):
         return self.attn2.pre_attention(_modulate(x_norm, mods[6], mods[7]))
 
     def post_attention(self, x: torch.Tensor, attn: torch.Tensor, attn2: torch.Tensor | None, mods) -> torch.Tensor:
-        # The first sum is a new tensor, so the later residual adds can run in place on it.
+        # The first sum is a new tensor, so at inference the later residual adds can run in place on it;
+        # training keeps them out of place, since norm2 saves its input for the backward pass.
         x = x + mods[2] * self.attn.proj(attn)
+        if torch.is_grad_enabled():
+            if attn2 is not None:
+                x = x + mods[8] * self.attn2.proj(attn2)
+            return x + mods[5] * self.mlp(_modulate(self.norm2(x), mods[3], mods[4]))
         if attn2 is not None:
             x += mods[8] * self.attn2.proj(attn2)
         x += mods[5] * self.mlp(_modulate(self.norm2(x), mods[3], mods[4]))
