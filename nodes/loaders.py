@@ -20,6 +20,7 @@ from collections.abc import Callable, Hashable
 
 import torch
 
+from ..sd35_core.bundled import tiny_shapes_checkpoint, tiny_shapes_controlnet
 from ..sd35_core.compile import compile_model
 from ..sd35_core.defaults import defaults_for
 from ..sd35_core.loader import (
@@ -78,9 +79,37 @@ def file_key(path: str) -> tuple:
     return (os.path.realpath(path), st.st_mtime_ns, st.st_size)
 
 
-def _mtime_token(folders, name: str) -> str:
+def bundled_files(kind: str) -> dict[str, str]:
+    """The pack's own model files for a loader (``checkpoint`` or ``controlnet``): ``{name: path}``.
+
+    The tiny shapes model ships with the pack (``assets/tiny_shapes``), so a fresh ComfyUI with no downloaded
+    weights still has a model to run every node with; the loaders list it after ComfyUI's own folders.
+    """
     try:
-        return repr(file_key(host.resolve_model(folders, name)))
+        path = tiny_shapes_checkpoint() if kind == "checkpoint" else tiny_shapes_controlnet()
+    except FileNotFoundError:
+        return {}
+    return {os.path.basename(path): path} if os.path.isfile(path) else {}
+
+
+def resolve_file(folders, name: str, kind: str) -> str:
+    """``name`` from ComfyUI's ``folders`` (a file there wins), else the pack's bundled file of that name."""
+    try:
+        return host.resolve_model(folders, name)
+    except FileNotFoundError:
+        bundled = bundled_files(kind).get(name)
+        if bundled is None:
+            raise
+        return bundled
+
+
+def _with_bundled(names: list[str], kind: str) -> list[str]:
+    return names + [n for n in bundled_files(kind) if n not in names]
+
+
+def _mtime_token(folders, name: str, kind: str = "checkpoint") -> str:
+    try:
+        return repr(file_key(resolve_file(folders, name, kind)))
     except (FileNotFoundError, OSError):
         return ""  # the node itself reports the missing file when it runs
 
@@ -130,7 +159,7 @@ def checkpoint_names() -> list[str]:
     names = host.list_models("checkpoints", extensions)
     seen = set(names)
     names += [n for n in host.list_models("diffusion_models", extensions) if n not in seen]
-    return names
+    return _with_bundled(names, "checkpoint")
 
 
 CHECKPOINT_FOLDERS = ("checkpoints", "diffusion_models")
@@ -190,7 +219,7 @@ class SD35CheckpointLoader:
         return _mtime_token(CHECKPOINT_FOLDERS, ckpt_name)
 
     def load(self, ckpt_name: str, weight_dtype: str = "default", compile: bool = False):
-        path = host.resolve_model(CHECKPOINT_FOLDERS, ckpt_name)
+        path = resolve_file(CHECKPOINT_FOLDERS, ckpt_name, "checkpoint")
         device = host.torch_device()
         dtype = resolve_weight_dtype(weight_dtype, device)
         key = (file_key(path), dtype, str(device), bool(compile))
@@ -333,7 +362,7 @@ class SD35ControlNetLoader:
                 "model": (MODEL_TYPES, {"tooltip": "The diffusion model the ControlNet will steer (SD3.5 Large for "
                                                    "the released ControlNets; an SD35 model or a ComfyUI SD3 "
                                                    "MODEL); the loader checks that they fit."}),
-                "control_net_name": (host.list_models("controlnet"), {
+                "control_net_name": (_with_bundled(host.list_models("controlnet"), "controlnet"), {
                     "tooltip": "An SD3.5 ControlNet .safetensors file from the controlnet folder "
                                "(Stability's release layout)."}),
             },
@@ -353,11 +382,11 @@ class SD35ControlNetLoader:
 
     @classmethod
     def IS_CHANGED(cls, control_net_name, **_):
-        return _mtime_token("controlnet", control_net_name)
+        return _mtime_token("controlnet", control_net_name, "controlnet")
 
     def load(self, model, control_net_name: str, weight_dtype: str = "default"):
         model = diffusion_input(model, "SD35 ControlNet Loader")
-        path = host.resolve_model("controlnet", control_net_name)
+        path = resolve_file("controlnet", control_net_name, "controlnet")
         device = model.device
         dtype = resolve_weight_dtype(weight_dtype, device)
         # The fit check depends only on the model's shapes, so the key holds its config, not the object.

@@ -19,11 +19,13 @@ TOKENIZER_HINT = (
 def text_encoder(clip: SD35Clip) -> SD3TextEncoder:
     """The clip's encoder, built on first use (that is when the tokenizer files are looked up).
 
-    Tokenizers are found in this order: ``SD35_TOKENIZERS``, then the tokenizer folders bundled with the
-    running ComfyUI (``comfy/sd1_tokenizer``, ``comfy/text_encoders/t5_tokenizer``).
+    Tokenizers are found in this order: ``SD35_TOKENIZERS``, then a ``tokenizers`` folder beside the file the
+    encoders came from (the bundled tiny shapes model ships its own), then the tokenizer folders bundled with
+    the running ComfyUI (``comfy/sd1_tokenizer``, ``comfy/text_encoders/t5_tokenizer``).
     """
     if clip._encoder is None:
-        clip_dir, t5_json = find_tokenizer_files(host.tokenizer_path(), host.comfyui_root(), hint=TOKENIZER_HINT)
+        clip_dir, t5_json = find_tokenizer_files(host.tokenizer_path(), host.comfyui_root(), model_path=clip.source,
+                                                 hint=TOKENIZER_HINT)
         tokenizer = SD3Tokenizer.from_files(clip_dir, t5_json)
         # Without T5 the context is only as wide as the CLIP states; the sampler zero-pads it to the
         # model's width, which is what the reference's padding to the T5 width gives.

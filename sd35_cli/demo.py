@@ -1,10 +1,9 @@
-"""``sd35 demo``: the whole stack on a fresh machine, with no weights, no ComfyUI and no network.
+"""``sd35 demo``: the whole stack on a fresh machine with the bundled tiny shapes model (no downloads).
 
-Writes a tiny model set (seeded random weights in the official checkpoint layouts, from
-:func:`sd35_core.tiny.write_tiny_model_set`) and tiny tokenizer files (:mod:`sd35_cli.tiny_tokenizers`),
-then runs three generations through :func:`sd35_cli.generate.generate`, the code path real weights take:
-text-to-image with skip-layer guidance (SD3.5-Medium-like), a canny ControlNet run (SD3.5-Large-like, on a
-synthesized picture of shapes) and image-to-image (SD3-Medium-like).
+The pack ships a small model of SD3.5 Medium's architecture, trained in this repository on pictures of one
+shape on a plain background (``sd35_train``; files in ``assets/tiny_shapes``). The demo runs it through
+:func:`sd35_cli.generate.generate`, the code path real weights take: six prompts in a 2 x 3 grid, a canny
+ControlNet run and an image-to-image run.
 """
 
 from __future__ import annotations
@@ -21,22 +20,34 @@ from typing import Any, TextIO
 import torch
 from PIL import Image, ImageDraw
 
-from .generate import GenerateOptions, GenerateResult, generate
+from .generate import GenerateOptions, GenerateResult, generate, load_models
+from .generate.models import pick_device
 
-HELP = "run text-to-image, ControlNet and image-to-image on tiny random models (no downloads)"
+HELP = "draw shapes with the bundled tiny SD3.5-architecture model: txt2img grid, ControlNet, img2img"
 DESCRIPTION = """\
-Check an install in under a minute, offline: writes tiny SD3/SD3.5-shaped models with random weights and
-tiny tokenizer files under --out, then runs text-to-image with skip-layer guidance, a canny ControlNet run
-and an image-to-image run through the same code that real weights take (`sd35 generate`).
-
-Random weights draw noise: the PNGs prove the plumbing, not the pictures.
+Check an install in under a minute, offline: runs the bundled tiny shapes model (SD3.5 Medium's
+architecture at toy size, trained here on 64x64 pictures of one shape on a plain background) through the
+code real weights take (`sd35 generate`): a 2x3 grid of prompts, a canny ControlNet run and an
+image-to-image run. It is a toy: it knows 8 colours, 3 shapes and 5 positions, and nothing else.
 """
 
 DEFAULT_OUT = "sd35-demo"
+GRID_PROMPTS = (
+    "a red circle on the left of a blue background",
+    "a yellow square on the top of a purple background",
+    "a green triangle on the right of a white background",
+    "a white circle on the bottom of a black background",
+    "an orange square on the center of a green background",
+    "a blue triangle on the top of a yellow background",
+)
+CONTROL_PROMPT = "a yellow triangle on the right of a blue background"
+INIT_PROMPT = "a red circle on the left of a white background"
+IMG2IMG_PROMPT = "a purple circle on the left of a white background"
+CELL = 192  # grid cell side in pixels (the 64 px images are scaled up 3x)
 REAL_WEIGHTS = """\
-Random weights draw noise: these PNGs show that loading, text encoding, sampling, skip-layer guidance,
-ControlNet and the VAE run end to end, not what SD3.5 paints. For real images, get the weights and put them
-where ComfyUI keeps them:
+The tiny shapes model is a toy trained on coloured shapes; it shows that loading, text encoding, sampling,
+guidance, ControlNet and the VAE work end to end. For real images, get the SD3.5 weights and put them where
+ComfyUI keeps them:
   ComfyUI/models/checkpoints/     sd3.5_medium.safetensors, sd3.5_large.safetensors, sd3.5_large_turbo.safetensors
   ComfyUI/models/text_encoders/   clip_l.safetensors, clip_g.safetensors, t5xxl_fp16.safetensors (or t5xxl_fp8_e4m3fn)
   ComfyUI/models/controlnet/      sd3.5_large_controlnet_canny.safetensors (blur, depth)
@@ -51,14 +62,13 @@ with clip/ and t5/tokenizer.json. The demo's own tokenizers fit only its tiny mo
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the ``demo`` options on ``parser``."""
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
-                        help=f"folder for the tiny models, inputs and PNGs (default: ./{DEFAULT_OUT})")
-    parser.add_argument("--size", type=int, default=256, metavar="PX",
-                        help="image width and height, a multiple of 16 up to 512 (default: 256)")
-    parser.add_argument("--steps", type=int, default=10, metavar="N", help="sampling steps per run (default: 10)")
+                        help=f"folder for the inputs and PNGs (default: ./{DEFAULT_OUT})")
+    parser.add_argument("--steps", type=int, default=None, metavar="N",
+                        help="sampling steps per run (default: the model's recommended count)")
     parser.add_argument("--seed", type=int, default=23, metavar="N", help="seed (default: 23)")
     parser.add_argument("--device", default=None, metavar="DEV", help="device (default: cuda if available, else cpu)")
     parser.add_argument("--threads", type=int, default=1, metavar="N",
-                        help="torch CPU threads (default: 1; the tiny models are too small for more threads to "
+                        help="torch CPU threads (default: 1; the tiny model is too small for more threads to "
                              "pay off, and on a busy machine extra threads mostly wait for each other)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     parser.add_argument("--verbose", action="store_true", help="more messages, and tracebacks on errors")
@@ -72,28 +82,36 @@ class DemoRun:
     result: GenerateResult
 
 
-def shapes_image(width: int, height: int) -> Image.Image:
-    """A synthetic photo-like picture: a gradient sky, a sun, a house and a hill (for the canny ControlNet)."""
-    img = Image.new("RGB", (width, height))
-    draw = ImageDraw.Draw(img)
-    for y in range(height):
-        t = y / max(1, height - 1)
-        draw.line([(0, y), (width, y)], fill=(int(70 + 120 * t), int(130 + 80 * t), int(220 - 60 * t)))
-    s = min(width, height)
-    draw.ellipse([int(0.68 * width), int(0.08 * height), int(0.68 * width + 0.2 * s), int(0.08 * height + 0.2 * s)],
-                 fill=(250, 210, 60))
-    draw.ellipse([int(-0.3 * width), int(0.62 * height), int(1.3 * width), int(1.5 * height)], fill=(60, 140, 60))
-    x0, y0, x1, y1 = int(0.22 * width), int(0.45 * height), int(0.55 * width), int(0.75 * height)
-    draw.rectangle([x0, y0, x1, y1], fill=(200, 80, 60))
-    draw.polygon([(x0 - int(0.04 * width), y0), ((x0 + x1) // 2, int(0.28 * height)), (x1 + int(0.04 * width), y0)],
-                 fill=(120, 50, 40))
-    draw.rectangle([int(0.35 * width), int(0.6 * height), int(0.42 * width), y1], fill=(90, 60, 30))
-    return img
+def shape_picture(spec_args: dict[str, str], path: str) -> str:
+    """Draw one picture of the training distribution (seeded) and save it as ``path``."""
+    import random
+
+    from sd35_train.data import random_spec, render
+
+    Image.fromarray(render(random_spec(random.Random(7), **spec_args))).save(path)
+    return path
 
 
-def run_demo(out: str, *, size: int = 256, steps: int = 10, seed: int = 23, device: str | None = None,
+def grid_image(prompts: list[str], files: list[str], columns: int = 3) -> Image.Image:
+    """Images in a grid, each captioned with its prompt (two lines)."""
+    rows = (len(files) + columns - 1) // columns
+    caption_h = 30
+    grid = Image.new("RGB", (columns * CELL, rows * (CELL + caption_h)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for i, (prompt, f) in enumerate(zip(prompts, files, strict=True)):
+        x, y = (i % columns) * CELL, (i // columns) * (CELL + caption_h)
+        with Image.open(f) as im:
+            grid.paste(im.convert("RGB").resize((CELL, CELL), Image.NEAREST), (x, y))
+        words = prompt.split(" ")
+        cut = len(words) // 2
+        for line, text in enumerate((" ".join(words[:cut]), " ".join(words[cut:]))):
+            draw.text((x + 4, y + CELL + 2 + 13 * line), text, fill=(20, 20, 20))
+    return grid
+
+
+def run_demo(out: str, *, steps: int | None = None, seed: int = 23, device: str | None = None,
              log: TextIO | None = None, verbose: bool = False, threads: int | None = 1) -> dict[str, Any]:
-    """Write the tiny models and tokenizers under ``out`` and run the three generations; returns a summary.
+    """Run the grid, ControlNet and img2img generations with the bundled model under ``out``; returns a summary.
 
     ``threads`` sets torch's CPU thread count for the run (restored afterwards); ``None`` leaves it alone.
     """
@@ -103,73 +121,72 @@ def run_demo(out: str, *, size: int = 256, steps: int = 10, seed: int = 23, devi
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run_demo(out, size=size, steps=steps, seed=seed, device=device, log=log, verbose=verbose)
+        return _run_demo(out, steps=steps, seed=seed, device=device, log=log, verbose=verbose)
     finally:
         torch.set_num_threads(previous)
 
 
-def _run_demo(out: str, *, size: int, steps: int, seed: int, device: str | None, log: TextIO | None,
-              verbose: bool) -> dict[str, Any]:
-    from sd35_core.tiny import write_tiny_model_set
-
-    from .tiny_tokenizers import write_tiny_tokenizers
-
-    log = log if log is not None else sys.stderr
-    if size <= 0 or size % 16:
-        raise ValueError(f"--size {size}: expected a positive multiple of 16 pixels")
-    t0 = time.perf_counter()
-    out = os.path.abspath(out)
-    models_dir = os.path.join(out, "models")
-    print(f"Writing tiny random-weight models to {models_dir} ...", file=log, flush=True)
-    models = write_tiny_model_set(models_dir, seed=0)
-    tokenizers = write_tiny_tokenizers(os.path.join(models_dir, "tokenizers")).directory
-    t_models = time.perf_counter() - t0
-
-    inputs = os.path.join(out, "inputs")
-    os.makedirs(inputs, exist_ok=True)
-    picture = os.path.join(inputs, "shapes.png")
-    shapes_image(size, size).save(picture)
-
+def _postfix(outputs: str) -> str:
     # One postfix per demo run keeps the reference's folder naming; a counter avoids an earlier run's folders.
-    outputs = os.path.join(out, "outputs")
     stamp = datetime.datetime.now().strftime("_%Y-%m-%dT%H-%M-%S")
     postfix, n = stamp, 1
-    while os.path.isdir(outputs) and any(stamp_dir.endswith(postfix) for _, dirs, _ in os.walk(outputs)
-                                         for stamp_dir in dirs):
+    while os.path.isdir(outputs) and any(d.endswith(postfix) for _, dirs, _ in os.walk(outputs) for d in dirs):
         n += 1
         postfix = f"{stamp}_{n}"
-    common = dict(
-        out_dir=outputs, postfix=postfix, seed=seed, seed_type="fixed", steps=steps,
-        width=size, height=size, model_folder=os.path.dirname(models.text_encoders["clip_l"]),
-        tokenizers=tokenizers, device=device,
-    )
+    return postfix
+
+
+def _run_demo(out: str, *, steps: int | None, seed: int, device: str | None, log: TextIO | None,
+              verbose: bool) -> dict[str, Any]:
+    from sd35_core.bundled import tiny_shapes_checkpoint, tiny_shapes_controlnet
+
+    log = log if log is not None else sys.stderr
+    t0 = time.perf_counter()
+    out = os.path.abspath(out)
+    model, controlnet = tiny_shapes_checkpoint(), tiny_shapes_controlnet()
+    inputs = os.path.join(out, "inputs")
+    os.makedirs(inputs, exist_ok=True)
+    prompts_file = os.path.join(inputs, "grid_prompts.txt")
+    with open(prompts_file, "w", encoding="utf-8") as f:
+        f.write("\n".join(GRID_PROMPTS) + "\n")
+    control = shape_picture({"color": "green", "shape": "triangle", "position": "right", "background": "white"},
+                            os.path.join(inputs, "control_triangle.png"))
+    init = shape_picture({"color": "red", "shape": "circle", "position": "left", "background": "white"},
+                         os.path.join(inputs, "init_red_circle.png"))
+
+    outputs = os.path.join(out, "outputs")
+    common = dict(model=model, out_dir=outputs, postfix=_postfix(outputs), seed=seed, seed_type="fixed",
+                  steps=steps, width=64, height=64, device=device)
+    print(f"Loading the bundled tiny shapes model ({model}) ...", file=log, flush=True)
+    loaded = load_models(GenerateOptions(prompt="", **common), pick_device(device))
     jobs = [
-        ("text-to-image, SD3.5-Medium-like, skip-layer guidance",
-         GenerateOptions(prompt="a lighthouse on a cliff at sunset, oil painting",
-                         model=models.checkpoints["sd3.5_medium"], skip_layer_cfg=True, **common)),
-        ("ControlNet (canny edges of inputs/shapes.png), SD3.5-Large-like",
-         GenerateOptions(prompt="a red house on a green hill under a yellow sun",
-                         model=models.checkpoints["sd3.5_large"], controlnet_ckpt=models.controlnets["canny"],
-                         controlnet_cond_image=picture, controlnet_preprocess="auto", **common)),
-        ("image-to-image (inputs/shapes.png, denoise 0.6), SD3-Medium-like",
-         GenerateOptions(prompt="a watercolor of a house on a hill", model=models.checkpoints["sd3_medium"],
-                         init_image=picture, denoise=0.6, **common)),
+        ("text-to-image: six prompts (grid.png)", GenerateOptions(prompt=prompts_file, **common), loaded),
+        ("text-to-image with skip-layer guidance", GenerateOptions(prompt=GRID_PROMPTS[0], skip_layer_cfg=True,
+                                                                   **common), loaded),
+        ("canny ControlNet (edges of inputs/control_triangle.png)",
+         GenerateOptions(prompt=CONTROL_PROMPT, controlnet_ckpt=controlnet, controlnet_cond_image=control,
+                         controlnet_preprocess="auto", **common), None),
+        ("image-to-image (inputs/init_red_circle.png, denoise 0.7): red circle -> purple circle",
+         GenerateOptions(prompt=IMG2IMG_PROMPT, init_image=init, denoise=0.7, **common), loaded),
     ]
     runs = []
-    for i, (title, opts) in enumerate(jobs, 1):
+    for i, (title, opts, reuse) in enumerate(jobs, 1):
         print(f"\n[{i}/{len(jobs)}] {title}", file=log, flush=True)
-        runs.append(DemoRun(title, generate(opts, log=log, quiet=not verbose)))
+        runs.append(DemoRun(title, generate(opts, log=log, quiet=not verbose, loaded=reuse)))
+    grid_path = os.path.join(out, "grid.png")
+    grid_image(list(GRID_PROMPTS), runs[0].result.files).save(grid_path)
     total = time.perf_counter() - t0
     return {
         "out": out,
+        "model": model,
+        "controlnet": controlnet,
+        "grid": grid_path,
         "threads": torch.get_num_threads(),
-        "models_dir": models_dir,
-        "tokenizers": tokenizers,
-        "seconds_writing_models": round(t_models, 3),
         "seconds_total": round(total, 3),
         "runs": [
             {
                 "title": r.title,
+                "prompts": r.result.prompts,
                 "files": r.result.files,
                 "control_image": r.result.control_image_file,
                 "settings": r.result.settings,
@@ -177,7 +194,6 @@ def _run_demo(out: str, *, size: int, steps: int, seed: int, device: str | None,
                 "seconds_per_step": round(r.result.seconds_per_step, 5),
                 "steps_run": r.result.steps_run,
                 "peak_rss_bytes": r.result.memory.get("peak_rss_bytes"),
-                "peak_gpu_bytes": r.result.memory.get("peak_gpu_bytes"),
             }
             for r in runs
         ],
@@ -193,11 +209,12 @@ def print_summary(summary: dict[str, Any], stream: TextIO) -> None:
     p("")
     threads = summary["threads"]
     p(f"sd35 demo: done in {summary['seconds_total']:.1f} s on {threads} CPU thread{'s' if threads > 1 else ''} "
-      f"(tiny models and tokenizers written in {summary['seconds_writing_models']:.1f} s to {summary['models_dir']})")
+      "with the bundled tiny shapes model (a toy trained on shapes)")
+    p(f"  grid of six prompts: {summary['grid']}")
     for i, r in enumerate(summary["runs"], 1):
         p(f"  {i}. {r['title']}")
-        for f in r["files"]:
-            p(f"       {f}")
+        for f in r["files"][:1] if len(r["files"]) > 1 else r["files"]:
+            p(f"       {f}" + (f" (and {len(r['files']) - 1} more)" if len(r["files"]) > 1 else ""))
         if r["control_image"]:
             p(f"       control image the ControlNet saw: {r['control_image']}")
         p(f"       {r['steps_run']} steps, {r['seconds_per_step'] * 1000:.0f} ms/step, {r['seconds']:.1f} s in all")
@@ -207,8 +224,8 @@ def print_summary(summary: dict[str, Any], stream: TextIO) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``sd35 demo``."""
-    summary = run_demo(args.out, size=args.size, steps=args.steps, seed=args.seed, device=args.device,
-                       verbose=args.verbose, threads=args.threads)
+    summary = run_demo(args.out, steps=args.steps, seed=args.seed, device=args.device, verbose=args.verbose,
+                       threads=args.threads)
     if args.json:
         print_summary(summary, sys.stderr)
         print(json.dumps(summary, indent=2))

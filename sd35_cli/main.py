@@ -28,10 +28,11 @@ class UsageError(Exception):
 # name -> (module in this package, or None for the bench command below; one-line help)
 SUBCOMMANDS: dict[str, tuple[str | None, str]] = {
     "generate": ("generate", "text-to-image / image-to-image / ControlNet, a drop-in for the reference's sd3_infer.py"),
-    "demo": ("demo", "run text-to-image, ControlNet and image-to-image on tiny random models (no downloads)"),
+    "demo": ("demo", "draw shapes with the bundled tiny SD3.5-architecture model: txt2img grid, ControlNet, img2img"),
     "bench": (None, "time a plain CFG step, a naive SLG step and the shared-prefix SLG step (JSON on stdout); "
                     "--vs-comfyui: one CFG step of ours against ComfyUI's native SD3 on the same file"),
     "batch": ("batch", "render a prompts file through ComfyUI servers, or on Ray, and bring every image home"),
+    "eval-tiny": ("eval_tiny", "score the bundled tiny shapes model: accuracy per attribute at several settings"),
 }
 
 BENCH_SCRIPT = os.path.join("bench", "bench_slg.py")

@@ -1,6 +1,7 @@
 """Recommended sampling settings per model variant: the one table the nodes, CLI and frontend read.
 
-Values are the Stability reference's ``CONFIGS`` (sd3_infer.py). The reference asks for cfg 4.0 when
+Values are the Stability reference's ``CONFIGS`` (sd3_infer.py), plus rows for the bundled tiny shapes
+model (keyed by its file names, as the reference keys its rows). The reference asks for cfg 4.0 when
 skip-layer guidance is on for SD3.5 Medium but its ``main()`` reads the cfg before that, so it never
 applies; this table uses the intended 4.0 with SLG. The frontend gets :func:`defaults_json` from a
 server route and keeps no copy of its own.
@@ -57,6 +58,7 @@ class Settings:
 
 
 _CONTROLNET = dict(shift=3.0, steps=60, cfg=3.5, sampler="euler")
+_TINY = dict(shift=3.0, steps=20, cfg=5.0, sampler="dpmpp_2m")
 
 DEFAULTS: dict[str, VariantDefaults] = {
     d.variant: d
@@ -76,6 +78,15 @@ DEFAULTS: dict[str, VariantDefaults] = {
         VariantDefaults("sd3.5_large_controlnet_blur", "SD3.5 Large + blur ControlNet", **_CONTROLNET),
         VariantDefaults("sd3.5_large_controlnet_canny", "SD3.5 Large + canny ControlNet", **_CONTROLNET),
         VariantDefaults("sd3.5_large_controlnet_depth", "SD3.5 Large + depth ControlNet", **_CONTROLNET),
+        # The bundled toy model (sd35_train; rows keyed by its file names, as the reference keys its CONFIGS),
+        # settings chosen with `sd35 eval-tiny`.
+        VariantDefaults(
+            "tiny_shapes_sd35",
+            "Tiny shapes (bundled toy model)",
+            **_TINY,
+            slg=SLGDefaults(layers=(2,), scale=2.5, start=0.01, end=0.2, cfg=5.0),
+        ),
+        VariantDefaults("tiny_shapes_controlnet_canny", "Tiny shapes + canny ControlNet", **_TINY),
     )
 }
 

@@ -37,6 +37,17 @@ def apply_token_weights(hidden: torch.Tensor, empty: torch.Tensor, weights: torc
     return torch.where((weights != 1.0)[..., None], (hidden - empty) * w + empty, hidden)
 
 
+def _check_vocab(kind: str, tokens: int, rows: dict[str, int]) -> None:
+    """A tokenizer whose ids run past an encoder's embedding table does not belong to it: say so up front."""
+    for name, n in rows.items():
+        if tokens > n:
+            raise ValueError(
+                f"tokenizers: the {kind} tokenizer has {tokens} tokens but the {name} text encoder's embedding "
+                f"has {n} rows, so these tokenizer files do not belong to it (a model that ships its own "
+                "tokenizers keeps them in a 'tokenizers' folder beside the checkpoint)"
+            )
+
+
 class SD3TextEncoder:
     """Turns prompts into SD3 conditioning with the given CLIP-L, CLIP-G and (optional) T5 models.
 
@@ -69,6 +80,10 @@ class SD3TextEncoder:
             raise ValueError(
                 f"context_dim: {context_dim} is narrower than the CLIP-L + CLIP-G hidden width {clip_width}"
             )
+        _check_vocab("CLIP", tokenizer.clip_l.tokenizer.get_vocab_size(),
+                     {"CLIP-L": clip_l.config.vocab_size, "CLIP-G": clip_g.config.vocab_size})
+        if t5 is not None:
+            _check_vocab("T5", tokenizer.t5xxl.tokenizer.get_vocab_size(), {"T5": t5.config.vocab_size})
         self.clip_l, self.clip_g, self.t5 = clip_l, clip_g, t5
         self.tokenizer = tokenizer
         self.device = torch.device(device)

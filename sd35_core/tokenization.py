@@ -339,25 +339,44 @@ TOKENIZER_HINT = (
 )
 
 
+MODEL_TOKENIZER_DIR = "tokenizers"  # beside a checkpoint: the tokenizer files its bundled encoders were made for
+
+
+def model_tokenizer_dir(model_path: str | os.PathLike) -> str | None:
+    """``<folder of model_path>/tokenizers`` when it holds ``clip/`` and ``t5/tokenizer.json``, else ``None``.
+
+    A checkpoint whose bundled text encoders use their own (small) vocabularies, as the bundled tiny shapes
+    model does, ships its tokenizer files there; no other tokenizer fits its embedding tables.
+    """
+    base = os.path.join(os.path.dirname(os.path.abspath(os.fspath(model_path))), MODEL_TOKENIZER_DIR)
+    if _is_clip_dir(os.path.join(base, "clip")) and os.path.isfile(os.path.join(base, "t5", "tokenizer.json")):
+        return base
+    return None
+
+
 def find_tokenizer_files(
     explicit: str | os.PathLike | None = None,
     comfyui_path: str | os.PathLike | None = None,
+    model_path: str | os.PathLike | None = None,
     hint: str = TOKENIZER_HINT,
 ) -> tuple[str, str]:
     """Locate ``(clip_dir, t5_tokenizer_json)``.
 
     Search order: ``explicit`` (a folder holding ``clip/`` and ``t5/tokenizer.json``, or ComfyUI's
-    ``sd1_tokenizer/`` and ``t5_tokenizer/``, or the files themselves), then the ComfyUI install's bundled
-    tokenizers (``comfy/sd1_tokenizer`` and ``comfy/text_encoders/t5_tokenizer``) under ``comfyui_path``,
-    the ``COMFYUI_PATH`` environment variable, and the ComfyUI this pack sits in
-    (``<comfyui>/custom_nodes/<pack>``, only when the pack does sit in a ``custom_nodes`` folder). Raises
-    :class:`FileNotFoundError` listing every place tried, then ``hint`` (how the caller's user points at
-    the files: the CLI names its options, ComfyUI its environment variable).
+    ``sd1_tokenizer/`` and ``t5_tokenizer/``, or the files themselves), then the tokenizers shipped beside
+    ``model_path`` (:func:`model_tokenizer_dir`), then the ComfyUI install's bundled tokenizers
+    (``comfy/sd1_tokenizer`` and ``comfy/text_encoders/t5_tokenizer``) under ``comfyui_path``, the
+    ``COMFYUI_PATH`` environment variable, and the ComfyUI this pack sits in (``<comfyui>/custom_nodes/<pack>``).
+    Raises :class:`FileNotFoundError` listing every place tried, then ``hint`` (how the caller's user points
+    at the files: the CLI names its options, ComfyUI its environment variable).
     """
     clip_candidates: list[str] = []
     t5_candidates: list[str] = []
-    if explicit is not None:
-        base = os.path.abspath(os.fspath(explicit))
+    bases = [] if explicit is None else [os.path.abspath(os.fspath(explicit))]
+    beside = None if model_path is None else model_tokenizer_dir(model_path)
+    if beside is not None:
+        bases.append(beside)
+    for base in bases:
         clip_candidates += [os.path.join(base, "clip"), os.path.join(base, "sd1_tokenizer"), base]
         t5_candidates += [
             os.path.join(base, "t5", "tokenizer.json"),

@@ -15,14 +15,14 @@ class RecipeConfig:
     threads: int = 1
     train_images: int = 8192  # training set: samples 0..N-1 of split seed ``seed``
     # VAE (16 latent channels, 64 px -> 8x8)
-    vae_steps: int = 700
+    vae_steps: int = 1400
     vae_batch: int = 8
-    vae_lr: float = 1e-3
+    vae_lr: float = 2e-3
     vae_kl: float = 1e-4
     # MMDiT-X (SD3.5 Medium structure: qk-norm, attn2 in the first half of the blocks)
     hidden: int = 64
     depth: int = 4
-    flow_steps: int = 2500
+    flow_steps: int = 2200
     flow_batch: int = 32
     flow_lr: float = 1e-3
     warmup: int = 100
@@ -30,7 +30,7 @@ class RecipeConfig:
     ema_decay: float = 0.998
     # ControlNet (canny, 8b-style: takes the base's patch tokens), the base frozen
     cn_layers: int = 2
-    cn_steps: int = 400
+    cn_steps: int = 350
     cn_batch: int = 32
     cn_lr: float = 5e-4
     checkpoint_every: int = 100

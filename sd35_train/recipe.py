@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from sd35_core.bundled import CHECKPOINT_NAME, CONTROLNET_NAME
 from sd35_core.controlnet import CONTROL_TYPES, SAVE_KEY_MAP
 from sd35_core.latent import process_in
 from sd35_core.tiny import save_state
@@ -46,8 +47,6 @@ from .vae_train import VAE_CONFIG, encode_all, fold_latent_scale, new_vae, round
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "tiny_shapes_sd35.safetensors"
-CONTROLNET_NAME = "tiny_shapes_controlnet_canny.safetensors"
 TOKENIZER_DIR = "tokenizers"
 LOG_NAME = "training_log.json"
 MODEL_TAG = "tiny_shapes"

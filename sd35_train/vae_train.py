@@ -30,8 +30,19 @@ def to_pixels(images: torch.Tensor) -> torch.Tensor:
     return images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
 
 
+INITIAL_LOGVAR = -8.0  # posterior std e^-4 at the start: the decoder first learns from the means, not the noise
+
+
 def new_vae(seed: int) -> VAE:
-    return randomize_(VAE(VAE_CONFIG), seed)
+    vae = randomize_(VAE(VAE_CONFIG), seed)
+    with torch.no_grad():
+        vae.encoder.conv_out.bias[VAE_CONFIG.z_channels :] = INITIAL_LOGVAR
+        # Residual branches start at zero, so each block starts as the identity and the untrained net is a
+        # plain stack of the input, resampling and output convolutions (much faster to train).
+        for name, p in vae.named_parameters():
+            if name.endswith((".conv2.weight", ".conv2.bias", ".proj_out.weight", ".proj_out.bias")):
+                p.zero_()
+    return vae
 
 
 def vae_loss(vae: VAE, pixels: torch.Tensor, noise: torch.Tensor, kl_weight: float) -> torch.Tensor:

@@ -134,7 +134,7 @@ def load_models(
 
     say("Loading tokenizers...")
     comfyui = opts.comfyui or os.environ.get("COMFYUI_PATH") or None
-    clip_dir, t5_json = find_tokenizer_files(opts.tokenizers, comfyui, hint=TOKENIZER_HINT)
+    clip_dir, t5_json = find_tokenizer_files(opts.tokenizers, comfyui, model_path=opts.model, hint=TOKENIZER_HINT)
     tokenizer = SD3Tokenizer.from_files(clip_dir, t5_json)
 
     say(f"Loading SD3 model {os.path.basename(opts.model)}...")
