@@ -2,8 +2,9 @@
 
 The background is the median colour of the border; the shape is every pixel far enough from it. Colours go
 to the nearest palette entry; the position to the nearest anchor of :data:`~.data.ANCHORS`; the kind from
-how much of its bounding box the shape fills (square ~1, circle ~pi/4, triangle ~1/2) and how its area
-splits between the top and bottom halves (an upright triangle keeps three quarters below its middle).
+how its area splits between the top and bottom halves of its bounding box (an upright triangle keeps three
+quarters below its middle) and whether it fills the box's corners (a square does, a circle does not).
+Only the largest connected region counts as the shape.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .data import ANCHORS, COLORS, IMAGE_SIZE
 # from the background's palette colour to the nearest other palette colour (orange and yellow are close).
 FOREGROUND_SHARE = 0.5
 MIN_AREA = 12  # pixels; fewer means no shape was drawn
+CORNER = 0.2  # corner patches: this share of the bounding box's height and width
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class Reading:
     area: int
     fill: float  # shape area / bounding-box area
     bottom_share: float  # share of the area below the bounding box's middle
+    corner_fill: float  # how much of the bounding box's four corner patches the shape covers
 
 
 def nearest_color(rgb: np.ndarray) -> str:
@@ -45,11 +48,16 @@ def _nearest_other_distance(name: str) -> float:
                if n != name)
 
 
-def classify_kind(fill: float, bottom_share: float) -> str:
-    """Square, circle or triangle from the fill ratio and the bottom-half share of the area."""
-    if fill < 0.66 or bottom_share > 0.64:
+def classify_kind(fill: float, bottom_share: float, corner_fill: float) -> str:
+    """Square, circle or triangle from the bounding-box fill, the bottom-half share and the corner fill.
+
+    An upright triangle keeps about three quarters of its area below its middle (and fills half its box);
+    a square fills its box's corners, a circle leaves them empty. Blurred edges round squares and triangles
+    off, so the corners decide between square and circle rather than the fill alone.
+    """
+    if bottom_share > 0.58 or fill < 0.6:
         return "triangle"
-    return "square" if fill > 0.92 else "circle"
+    return "square" if corner_fill > 0.42 or fill > 0.865 else "circle"
 
 
 def read_image(image: np.ndarray) -> Reading:
@@ -60,10 +68,11 @@ def read_image(image: np.ndarray) -> Reading:
                              img[:, -2:].reshape(-1, 3)])
     bg = np.median(border, axis=0)
     background = nearest_color(bg)
-    mask = np.sqrt(((img - bg) ** 2).sum(-1)) > FOREGROUND_SHARE * _nearest_other_distance(background)
+    distance = np.sqrt(((img - bg) ** 2).sum(-1))
+    mask = largest_component(distance > FOREGROUND_SHARE * _nearest_other_distance(background))
     area = int(mask.sum())
     if area < MIN_AREA:
-        return Reading(background, None, None, None, area, 0.0, 0.0)
+        return Reading(background, None, None, None, area, 0.0, 0.0, 0.0)
     ys, xs = np.nonzero(mask)
     color = nearest_color(np.median(img[mask], axis=0))
     cx, cy = xs.mean() / w * IMAGE_SIZE, ys.mean() / h * IMAGE_SIZE
@@ -72,4 +81,32 @@ def read_image(image: np.ndarray) -> Reading:
     y0, y1, x0, x1 = ys.min(), ys.max(), xs.min(), xs.max()
     fill = area / float((y1 - y0 + 1) * (x1 - x0 + 1))
     bottom_share = float((ys > (y0 + y1) / 2).sum() + 0.5 * (ys == (y0 + y1) / 2).sum()) / area
-    return Reading(background, color, classify_kind(fill, bottom_share), position, area, fill, bottom_share)
+    box = mask[y0 : y1 + 1, x0 : x1 + 1]
+    ch, cw = max(1, round(CORNER * box.shape[0])), max(1, round(CORNER * box.shape[1]))
+    corner_fill = float(np.mean([box[:ch, :cw].mean(), box[:ch, -cw:].mean(), box[-ch:, :cw].mean(),
+                                 box[-ch:, -cw:].mean()]))
+    return Reading(background, color, classify_kind(fill, bottom_share, corner_fill), position, area, fill,
+                   bottom_share, corner_fill)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected region of ``mask`` (stray pixels elsewhere are not the shape)."""
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    best, best_size, current = 0, 0, 0
+    h, w = mask.shape
+    for y, x in zip(*np.nonzero(mask), strict=True):
+        if labels[y, x]:
+            continue
+        current += 1
+        labels[y, x] = current
+        stack, size = [(y, x)], 0
+        while stack:
+            cy, cx = stack.pop()
+            size += 1
+            for ny, nx in ((cy - 1, cx), (cy + 1, cx), (cy, cx - 1), (cy, cx + 1)):
+                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not labels[ny, nx]:
+                    labels[ny, nx] = current
+                    stack.append((ny, nx))
+        if size > best_size:
+            best, best_size = current, size
+    return labels == best if best else mask

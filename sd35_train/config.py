@@ -19,12 +19,14 @@ class RecipeConfig:
     vae_batch: int = 8
     vae_lr: float = 2e-3
     vae_kl: float = 1e-4
+    vae_schedule_steps: int = 0  # length of the cosine learning-rate schedule (0: vae_steps); longer = cut short
     # MMDiT-X (SD3.5 Medium structure: qk-norm, attn2 in the first half of the blocks)
     hidden: int = 64
     depth: int = 4
     flow_steps: int = 2200
     flow_batch: int = 32
     flow_lr: float = 1e-3
+    flow_schedule_steps: int = 0  # as vae_schedule_steps, for the MMDiT-X
     warmup: int = 100
     caption_dropout: float = 0.1
     ema_decay: float = 0.998

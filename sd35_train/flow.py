@@ -85,12 +85,13 @@ def ema_decay(step: int, peak: float) -> float:
 
 
 def run_steps(state: TrainState, total: int, peak_lr: float, cfg: RecipeConfig, step_loss, state_path: str | None,
-              label: str) -> None:
-    """The shared loop: lr schedule, step, clip, EMA, log, periodic save."""
+              label: str, schedule_steps: int = 0) -> None:
+    """The shared loop: lr schedule (cosine over ``schedule_steps``, default ``total``), step, clip, EMA, log,
+    periodic save."""
     running = 0.0
     params = list(state.trainable().values())
     while state.step < total:
-        lr = cosine_lr(state.step, total, peak_lr, cfg.warmup)
+        lr = cosine_lr(state.step, schedule_steps or total, peak_lr, cfg.warmup)
         for g in state.optimizer.param_groups:
             g["lr"] = lr
         loss = step_loss()
@@ -123,7 +124,7 @@ def train_mmdit(cfg: RecipeConfig, data: FlowData, state_path: str | None = None
         x0, ctx, pooled, t, noise, _ = flow_batch(data, cfg.flow_batch, cfg.caption_dropout, state.generator)
         return flow_loss(lambda xt, ts: model(xt, ts, ctx, pooled), x0, t, noise)
 
-    run_steps(state, cfg.flow_steps, cfg.flow_lr, cfg, step_loss, state_path, "MMDiT")
+    run_steps(state, cfg.flow_steps, cfg.flow_lr, cfg, step_loss, state_path, "MMDiT", cfg.flow_schedule_steps)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(state.ema[name])

@@ -67,7 +67,7 @@ def train_vae(cfg: RecipeConfig, images: torch.Tensor, state_path: str | None = 
     n = images.shape[0]
     running = 0.0
     while state.step < cfg.vae_steps:
-        lr = cosine_lr(state.step, cfg.vae_steps, cfg.vae_lr, cfg.warmup)
+        lr = cosine_lr(state.step, cfg.vae_schedule_steps or cfg.vae_steps, cfg.vae_lr, cfg.warmup)
         for g in state.optimizer.param_groups:
             g["lr"] = lr
         idx = torch.randint(n, (cfg.vae_batch,), generator=state.generator)

@@ -1,4 +1,4 @@
-"""`sd35 demo`: offline, from nothing to three PNGs through the same code path as real weights."""
+"""`sd35 demo`: offline, the bundled tiny shapes model through the same code path as real weights."""
 
 import json
 import os
@@ -7,60 +7,60 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sd35_cli.demo import GRID_PROMPTS
 from sd35_cli.main import main
+from sd35_core.bundled import tiny_shapes_checkpoint, tiny_shapes_controlnet
+from sd35_core.defaults import defaults_for
+from sd35_train.analysis import read_image
 
 
-def test_demo_writes_models_and_three_valid_pngs(capsys, tmp_path, monkeypatch):
+def test_demo_draws_the_grid_controlnet_and_img2img_with_the_bundled_model(capsys, tmp_path, monkeypatch):
     monkeypatch.delenv("COMFYUI_PATH", raising=False)
     out = tmp_path / "demo"
     threads = torch.get_num_threads()
-    assert main(["demo", "--out", str(out), "--size", "64", "--steps", "2", "--json"]) == 0
+    assert main(["demo", "--out", str(out), "--json"]) == 0
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
     assert summary["threads"] == 1 and torch.get_num_threads() == threads  # restored for the caller
-
     assert summary["out"] == str(out)
-    titles = [r["title"] for r in summary["runs"]]
-    assert len(titles) == 3
-    assert "skip-layer guidance" in titles[0] and "ControlNet" in titles[1] and "image-to-image" in titles[2]
-    assert summary["runs"][0]["settings"]["slg"]["layers"] == [7, 8, 9]
-    assert summary["runs"][2]["settings"]["denoise"] == 0.6
+    assert summary["model"] == tiny_shapes_checkpoint() and summary["controlnet"] == tiny_shapes_controlnet()
 
-    pngs = [f for r in summary["runs"] for f in r["files"]] + [summary["runs"][1]["control_image"]]
-    assert len(pngs) == 4
+    grid, slg, control, img2img = summary["runs"]
+    assert grid["prompts"] == list(GRID_PROMPTS) and len(grid["files"]) == 6
+    assert slg["settings"]["slg"]["layers"] == list(defaults_for("tiny_shapes_sd35", slg=True).slg.layers)
+    assert "ControlNet" in control["title"] and img2img["settings"]["denoise"] == 0.7
+    pngs = grid["files"] + slg["files"] + control["files"] + img2img["files"] + [control["control_image"]]
     for f in pngs:
         assert f.startswith(str(out)) and f.endswith(".png")
         with Image.open(f) as im:
-            im.verify()
-        with Image.open(f) as im:
             assert im.size == (64, 64) and im.mode == "RGB"
     # The ControlNet saw canny edges: a binary picture, not the coloured input.
-    with Image.open(summary["runs"][1]["control_image"]) as im:
+    with Image.open(control["control_image"]) as im:
         assert set(np.unique(np.asarray(im.convert("L")))) <= {0, 255}
-    # Outputs follow the reference's folder naming under <out>/outputs.
-    assert os.path.basename(os.path.dirname(os.path.dirname(pngs[1]))) == (
-        "tiny-sd3.5_large_tiny-sd3.5_large_controlnet_canny"
-    )
+    with Image.open(summary["grid"]) as im:
+        assert im.size[0] == 3 * 192 and im.size[1] > 2 * 192
+    # The model draws: every grid image has the background its prompt asks for.
+    for prompt, f in zip(GRID_PROMPTS, grid["files"], strict=True):
+        with Image.open(f) as im:
+            assert read_image(np.asarray(im)).background == prompt.split(" of a ")[1].split(" ")[0], prompt
 
     report = captured.err
-    assert "Random weights draw noise" in report
-    assert "ComfyUI/models/checkpoints" in report and "ComfyUI/models/text_encoders" in report
-    for f in pngs[:3]:
-        assert f in report
-
+    assert "toy trained on shapes" in report and "ComfyUI/models/checkpoints" in report
+    assert summary["grid"] in report
+    assert os.path.isfile(os.path.join(out, "inputs", "control_triangle.png"))
 
 
 def test_demo_files_follow_the_users_umask(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("COMFYUI_PATH", raising=False)
     previous = os.umask(0o022)
     try:
-        assert main(["demo", "--out", str(tmp_path / "demo"), "--size", "32", "--steps", "1"]) == 0
+        assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "1"]) == 0
     finally:
         os.umask(previous)
     capsys.readouterr()
     modes = {os.path.relpath(os.path.join(d, f), tmp_path): os.stat(os.path.join(d, f)).st_mode & 0o777
              for d, _, files in os.walk(tmp_path / "demo") for f in files}
-    assert any(p.endswith(".safetensors") for p in modes)
+    assert any(p.endswith(".png") for p in modes)
     assert {p: m for p, m in modes.items() if m != 0o644} == {}
 
 

@@ -43,10 +43,23 @@ def test_table_matches_the_reference_configs(variant):
         assert with_slg == s
 
 
+TINY_ROWS = {"tiny_shapes_sd35", "tiny_shapes_controlnet_canny"}  # the bundled model's own rows
+
+
 def test_every_variant_is_in_the_table_and_usable():
-    assert set(DEFAULTS) == set(REFERENCE_CONFIGS)
+    assert set(DEFAULTS) == set(REFERENCE_CONFIGS) | TINY_ROWS
     for d in DEFAULTS.values():
         assert d.sampler in SAMPLERS and d.schedule in SCHEDULES
+
+
+def test_the_tiny_rows_fit_the_bundled_model():
+    from sd35_core.bundled import tiny_shapes_checkpoint
+    from sd35_core.loader import load_checkpoint
+
+    depth = load_checkpoint(tiny_shapes_checkpoint()).model.config.depth
+    slg = defaults_for("tiny_shapes_sd35", slg=True).slg
+    slg.check_depth(depth)
+    assert defaults_for("tiny_shapes_controlnet_canny").slg is None
 
 
 def test_entries_are_frozen():
