@@ -19,8 +19,8 @@ TOKENIZER_HINT = (
 def text_encoder(clip: SD35Clip) -> SD3TextEncoder:
     """The clip's encoder, built on first use (that is when the tokenizer files are looked up).
 
-    Tokenizers are found in this order: ``SD35_TOKENIZERS``, then a ``tokenizers`` folder beside the file the
-    encoders came from (the bundled tiny shapes model ships its own), then the tokenizer folders bundled with
+    Tokenizers are found in this order: a ``tokenizers`` folder beside the file the encoders came from (the
+    bundled tiny shapes model ships its own), then ``SD35_TOKENIZERS``, then the tokenizer folders bundled with
     the running ComfyUI (``comfy/sd1_tokenizer``, ``comfy/text_encoders/t5_tokenizer``).
     """
     if clip._encoder is None:

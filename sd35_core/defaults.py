@@ -43,6 +43,7 @@ class VariantDefaults:
     sampler: str
     schedule: str = "reference"
     slg: SLGDefaults | None = None
+    size: int | None = None  # native image side in pixels when it is not the reference's 1024 (the toy model)
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class Settings:
 
 
 _CONTROLNET = dict(shift=3.0, steps=60, cfg=3.5, sampler="euler")
-_TINY = dict(shift=3.0, steps=20, cfg=5.0, sampler="dpmpp_2m")
+_TINY = dict(shift=3.0, steps=20, cfg=5.0, sampler="euler", size=64)
 
 DEFAULTS: dict[str, VariantDefaults] = {
     d.variant: d

@@ -362,9 +362,9 @@ def find_tokenizer_files(
 ) -> tuple[str, str]:
     """Locate ``(clip_dir, t5_tokenizer_json)``.
 
-    Search order: ``explicit`` (a folder holding ``clip/`` and ``t5/tokenizer.json``, or ComfyUI's
-    ``sd1_tokenizer/`` and ``t5_tokenizer/``, or the files themselves), then the tokenizers shipped beside
-    ``model_path`` (:func:`model_tokenizer_dir`), then the ComfyUI install's bundled tokenizers
+    Search order: the tokenizers shipped beside ``model_path`` (:func:`model_tokenizer_dir`), then
+    ``explicit`` (a folder holding ``clip/`` and ``t5/tokenizer.json``, or ComfyUI's ``sd1_tokenizer/``
+    and ``t5_tokenizer/``, or the files themselves), then the ComfyUI install's bundled tokenizers
     (``comfy/sd1_tokenizer`` and ``comfy/text_encoders/t5_tokenizer``) under ``comfyui_path``, the
     ``COMFYUI_PATH`` environment variable, and the ComfyUI this pack sits in (``<comfyui>/custom_nodes/<pack>``).
     Raises :class:`FileNotFoundError` listing every place tried, then ``hint`` (how the caller's user points
@@ -372,10 +372,11 @@ def find_tokenizer_files(
     """
     clip_candidates: list[str] = []
     t5_candidates: list[str] = []
-    bases = [] if explicit is None else [os.path.abspath(os.fspath(explicit))]
+    # A checkpoint's own tokenizers come first: no other tokenizer fits its encoders' embedding tables.
     beside = None if model_path is None else model_tokenizer_dir(model_path)
-    if beside is not None:
-        bases.append(beside)
+    bases = [] if beside is None else [beside]
+    if explicit is not None:
+        bases.append(os.path.abspath(os.fspath(explicit)))
     for base in bases:
         clip_candidates += [os.path.join(base, "clip"), os.path.join(base, "sd1_tokenizer"), base]
         t5_candidates += [

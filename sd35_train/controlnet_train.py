@@ -1,5 +1,8 @@
 """Stage 3: a canny ControlNet for the shapes model, trained with the same flow loss, the base frozen.
 
+It takes the reference's path for ControlNets of the smaller models (its own patch embedding of the noisy
+latent, the diffusion model's embedded pooled vector); the 8b path belongs to SD3.5 Large.
+
 Control latents are made exactly as at inference: canny edges (:func:`sd35_core.preprocess.canny`), the
 reference's canny scaling (:func:`sd35_core.controlnet.prepare_control_image`), the VAE mean, the SD3
 latent format. The ControlNet's output heads start at zero, so training starts from the base model.
@@ -33,11 +36,10 @@ log = logging.getLogger(__name__)
 
 
 def controlnet_config(cfg: RecipeConfig) -> ControlNetConfig:
-    from .text import CLIP_G_WIDTH, CLIP_L_WIDTH
-
+    # The reference's path for ControlNets of the smaller models ("2b"): its own patch embedding, and the
+    # diffusion model's embedded pooled vector (input width = hidden). The 8b path is for SD3.5 Large only.
     return ControlNetConfig(hidden_size=cfg.hidden, num_heads=cfg.hidden // 64, num_layers=cfg.cn_layers,
-                            patch_size=2, in_channels=16, pooled_dim=CLIP_L_WIDTH + CLIP_G_WIDTH,
-                            has_x_embedder=False)
+                            patch_size=2, in_channels=16, pooled_dim=cfg.hidden, has_x_embedder=True)
 
 
 def new_controlnet(cfg: RecipeConfig) -> ControlNet:

@@ -108,7 +108,7 @@ def run_steps(state: TrainState, total: int, peak_lr: float, cfg: RecipeConfig, 
             state.losses.append((state.step, running / cfg.log_every))
             running = 0.0
             log.info("%s step %d/%d loss %.4f lr %.2e", label, state.step, total, state.losses[-1][1], lr)
-        if state_path and state.step % cfg.checkpoint_every == 0:
+        if state_path and (state.step % cfg.checkpoint_every == 0 or state.step == total):
             state.save(state_path)
 
 

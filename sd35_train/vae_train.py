@@ -84,7 +84,7 @@ def train_vae(cfg: RecipeConfig, images: torch.Tensor, state_path: str | None = 
             state.losses.append((state.step, running / cfg.log_every))
             running = 0.0
             log.info("VAE step %d/%d loss %.4f", state.step, cfg.vae_steps, state.losses[-1][1])
-        if state_path and state.step % cfg.checkpoint_every == 0:
+        if state_path and (state.step % cfg.checkpoint_every == 0 or state.step == cfg.vae_steps):
             state.save(state_path)
     return vae.eval(), state
 

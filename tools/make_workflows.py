@@ -658,6 +658,47 @@ def native_lora_controlnet(name: str, title: str) -> Workflow:
     return wf
 
 
+TINY_CHECKPOINT = "tiny_shapes_sd35.safetensors"  # ships with the pack (assets/tiny_shapes): no download
+TINY_PROMPT = "a red circle on the left of a blue background"
+
+
+def tiny_shapes(name: str, title: str) -> Workflow:
+    """Text to image with the bundled tiny shapes model: runs in a fresh ComfyUI with nothing downloaded."""
+    d = defaults_table()["tiny_shapes_sd35"]
+    wf = Workflow(name)
+    models = Column(wf, 0, 360)
+    note = _note_node(models, "\n".join([
+        title,
+        "",
+        f"Model: {TINY_CHECKPOINT}, bundled with the pack (listed by the checkpoint loader after ComfyUI's own "
+        "files). It is a toy: SD3.5 Medium's architecture at toy size, trained in the pack's repository on 64x64 "
+        "pictures of one shape on a plain background. Its text encoders are inside the checkpoint and its "
+        "tokenizers beside it.",
+        "",
+        "Prompts: 'a {color} {shape} on the {position} of a {background} background' with colours red, green, "
+        "blue, yellow, white, black, orange, purple; shapes circle, square, triangle; positions left, right, "
+        "top, bottom, center. Images are 64x64.",
+        "",
+        "Recommended settings (the pack's defaults table): " + _settings_text(d, False),
+    ]))
+    ckpt = models.add("SD35CheckpointLoader", HEIGHTS["SD35CheckpointLoader"], title="Load checkpoint",
+                      ckpt_name=TINY_CHECKPOINT, weight_dtype="default")
+    prompt = models.next(380)
+    pos, neg = _prompts(prompt, ckpt, TINY_PROMPT)
+    latent = prompt.add("SD35EmptyLatent", HEIGHTS["SD35EmptyLatent"], title="Image size", width=64, height=64,
+                        batch_size=1)
+    wf.connect(ckpt, "model", latent, "model")
+    sample = prompt.next(340)
+    sampler = _sampler(sample, d, {"model": (ckpt, "model"), "positive": (pos, "conditioning"),
+                                   "negative": (neg, "conditioning"), "latent": (latent, "latent")})
+    decode, save = _decode_save(sample.next(400), sampler, ckpt, f"sd35/{name}")
+    wf.group("Model", GROUP_COLORS["models"], [note, ckpt])
+    wf.group("Prompt and size", GROUP_COLORS["prompt"], [pos, neg, latent])
+    wf.group("Sample", GROUP_COLORS["sample"], [sampler])
+    wf.group("Decode and save", GROUP_COLORS["save"], [decode, save])
+    return wf
+
+
 def build_workflows() -> dict[str, Workflow]:
     """Every shipped workflow by file name (without ``.json``)."""
     flows = [
@@ -671,6 +712,7 @@ def build_workflows() -> dict[str, Workflow]:
         _masked("sd3.5_large_inpaint", "sd3.5_large", "SD3.5 Large inpainting (repaint a masked part)",
                 outpaint=False),
         _masked("sd3.5_large_outpaint", "sd3.5_large", "SD3.5 Large outpainting (extend the canvas)", outpaint=True),
+        tiny_shapes("tiny_shapes_txt2img", "Tiny shapes text to image (the bundled toy model, no downloads)"),
         controlnet("sd3.5_large_controlnet_canny", "canny", "SD3.5 Large with the canny ControlNet"),
         controlnet("sd3.5_large_controlnet_blur", "blur", "SD3.5 Large with the blur ControlNet"),
         controlnet("sd3.5_large_controlnet_depth", "depth", "SD3.5 Large with the depth ControlNet"),

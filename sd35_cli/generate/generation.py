@@ -20,7 +20,7 @@ from ..main import UsageError
 from ..prompt_lines import RULE, split_prompt_lines
 from .images import control_type_of, decode_image, encode_inputs, load_noise_mask
 from .models import LoadedModels, inspect_model, load_models, pick_device
-from .options import RAND_SEED_LIMIT, SEED_TYPES, GenerateOptions, options_from_args, validate_options
+from .options import RAND_SEED_LIMIT, REF_SIZE, SEED_TYPES, GenerateOptions, options_from_args, validate_options
 from .output import GenerateResult, output_dir, save_latents
 from .png_info import image_settings, png_info
 from .progress import ProgressBar, peak_memory
@@ -56,6 +56,18 @@ def seeds_for(seed: int, seed_type: str, count: int, rand: Callable[[], int] | N
         draw = rand or (lambda: secrets.randbelow(RAND_SEED_LIMIT))
         return [int(draw()) for _ in range(count)]
     raise UsageError(f"--seed_type: expected one of {', '.join(SEED_TYPES)}, got {seed_type!r}")
+
+
+def native_size(opts: GenerateOptions, model_row: str, say: Callable[[str], None]) -> GenerateOptions:
+    """The model's own image size instead of the reference's 1024 x 1024 default, for a model whose row has
+    one (the bundled 64 px toy model, which cannot draw 1024 px at all); any other size is kept."""
+    from sd35_core.defaults import DEFAULTS
+
+    size = DEFAULTS[model_row].size
+    if size is None or (opts.width, opts.height) != (REF_SIZE, REF_SIZE):
+        return opts
+    say(f"note: {DEFAULTS[model_row].label} draws {size}x{size} images; using that size")
+    return replace(opts, width=size, height=size)
 
 
 def _loaded_settings(opts: GenerateOptions, loaded: LoadedModels, say: Callable[[str], None]) -> Settings:
@@ -175,6 +187,7 @@ def generate(opts: GenerateOptions, *, log: TextIO | None = None, now: datetime.
     if loaded is None:
         # Settings that do not fit the model fail here, before gigabytes of weights are read.
         config, variant = inspect_model(opts.model)
+        opts = native_size(opts, defaults_entry(opts.model, variant)[0], say)
         config.check_image_size(opts.width, opts.height)
         resolve_settings(opts, defaults_entry(opts.model, variant)[0], "", config.depth)
         t = time.perf_counter()

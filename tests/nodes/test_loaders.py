@@ -168,3 +168,20 @@ def test_a_text_encoder_in_the_wrong_slot_is_refused_by_the_loader_node(run_node
                                                     r"needs CLIP-L \(clip_l\.safetensors\)"):
         run_node("SD35TextEncoderLoader", clip_l_name="clip_g.safetensors", clip_g_name="clip_g.safetensors",
                  t5xxl_name="t5xxl_fp16.safetensors")
+
+
+def test_the_bundled_tiny_shapes_files_are_listed_loaded_and_encode_with_their_own_tokenizers(
+        run_node, fresh_caches, node_classes):
+    from comfyui_sd35.sd35_core.bundled import tiny_shapes_checkpoint
+
+    ckpt_names = node_classes["SD35CheckpointLoader"].INPUT_TYPES()["required"]["ckpt_name"][0]
+    cn_names = node_classes["SD35ControlNetLoader"].INPUT_TYPES()["required"]["control_net_name"][0]
+    assert "tiny_shapes_sd35.safetensors" in ckpt_names
+    assert "tiny_shapes_controlnet_canny.safetensors" in cn_names
+    model, clip, vae = run_node("SD35CheckpointLoader", ckpt_name="tiny_shapes_sd35.safetensors",
+                                weight_dtype="default")
+    assert clip is not None and vae is not None and clip.source == tiny_shapes_checkpoint()
+    (cond,) = run_node("SD35TextEncode", clip=clip, text="a red circle on the left of a blue background")
+    assert cond[0][0].shape[-1] == model.config.context_dim
+    (cn,) = run_node("SD35ControlNetLoader", model=model, control_net_name="tiny_shapes_controlnet_canny.safetensors")
+    assert cn.controlnet.control_type_name == "canny"

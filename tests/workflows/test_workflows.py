@@ -71,6 +71,7 @@ FILE_INPUTS = {
 # skip-layer guidance of the variant named (at the workflow's own cfg).
 WORKFLOW_MODELS = {
     "sd3.5_medium_txt2img_slg": ("sd3.5_medium", True),
+    "tiny_shapes_txt2img": ("tiny_shapes_sd35", False),
     "sd3.5_large_txt2img": ("sd3.5_large", False),
     "sd3.5_large_turbo_txt2img": ("sd3.5_large_turbo", False),
     "sd3_medium_txt2img": ("sd3_medium", False),
@@ -223,13 +224,18 @@ def test_ui_workflow_is_laid_out_for_a_person(name):
     # A note says which file goes in which folder; the result is saved.
     (note,) = [n for n in nodes if n["type"] == "Note"]
     text = note["widgets_values"][0]
-    for path in ("models/checkpoints/", "models/text_encoders/", "clip_l.safetensors", "clip_g.safetensors",
-                 "t5xxl_fp16.safetensors"):
-        assert path in text, path
+    (ckpt,) = [n for n in nodes if n["type"] in ("SD35CheckpointLoader", "CheckpointLoaderSimple")]
+    if name.startswith("tiny_shapes"):
+        # The bundled model needs no files: the note says so, and the loader is set to the bundled file.
+        assert f"{ckpt['widgets_values'][0]}, bundled with the pack" in text
+        assert not any(n["type"] == "SD35TextEncoderLoader" for n in nodes)
+    else:
+        for path in ("models/checkpoints/", "models/text_encoders/", "clip_l.safetensors", "clip_g.safetensors",
+                     "t5xxl_fp16.safetensors"):
+            assert path in text, path
+        assert f"models/checkpoints/{ckpt['widgets_values'][0]}" in text
     for cn in [n for n in nodes if n["type"] == "SD35ControlNetLoader"]:
         assert f"models/controlnet/{cn['widgets_values'][0]}" in text
-    (ckpt,) = [n for n in nodes if n["type"] in ("SD35CheckpointLoader", "CheckpointLoaderSimple")]
-    assert f"models/checkpoints/{ckpt['widgets_values'][0]}" in text
     for lora in [n for n in nodes if n["type"] == "LoraLoaderModelOnly"]:
         assert f"models/loras/{lora['widgets_values'][0]}" in text
     (save,) = [n for n in nodes if n["type"] == "SaveImage"]
