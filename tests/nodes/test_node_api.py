@@ -83,7 +83,9 @@ def test_loaders_list_the_model_folders(node_classes, models_env):
     assert t5[0] == "none" and "t5xxl_fp16.safetensors" in t5
     assert node_classes["SD35VAELoader"].INPUT_TYPES()["required"]["vae_name"][0] == ["tiny-sd3_vae.safetensors"]
     cns = node_classes["SD35ControlNetLoader"].INPUT_TYPES()["required"]["control_net_name"][0]
-    assert len(cns) == 3
+    # The three in the controlnet folder, then the pack's bundled tiny shapes ControlNet.
+    assert cns == [f"tiny-sd3.5_large_controlnet_{t}.safetensors" for t in ("blur", "canny", "depth")] + [
+        "tiny_shapes_controlnet_canny.safetensors"]
 
 
 def test_host_falls_back_to_plain_torch_without_comfyui(pack):
