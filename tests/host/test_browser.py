@@ -199,13 +199,22 @@ def test_extension_is_loaded_and_the_template_browser_lists_the_workflows(browse
     assert sorted(templates[PACK_DIR]) == WORKFLOW_NAMES
     page = browser.page
     browser.js("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
-    page.get_by_text(PACK_DIR, exact=True).first.click()
     dialog = page.locator(".p-dialog")
-    for name in WORKFLOW_NAMES:
-        sync_api.expect(dialog.get_by_text(name, exact=True).first).to_be_visible()
-    browser.screenshot("template_browser")
-    dialog.get_by_text("sd3.5_medium_txt2img_slg", exact=True).first.click()  # a person's way in
-    page.wait_for_function("() => app.graph.nodes.some((n) => n.type === 'SD35Sampler')")
+    try:
+        page.get_by_text(PACK_DIR, exact=True).first.click()
+        browser.screenshot("template_browser")
+        # The dialog shows a page of twelve and loads more on scroll; its search box finds each one.
+        search = dialog.get_by_placeholder("Search templates...")
+        for name in WORKFLOW_NAMES:
+            search.fill(name)
+            sync_api.expect(dialog.get_by_text(name, exact=True).first).to_be_visible()
+        search.fill("sd3.5_medium_txt2img_slg")
+        dialog.get_by_text("sd3.5_medium_txt2img_slg", exact=True).first.click()  # a person's way in
+        page.wait_for_function("() => app.graph.nodes.some((n) => n.type === 'SD35Sampler')")
+    finally:
+        if dialog.count() and dialog.first.is_visible():  # never leave its mask over the canvas for later tests
+            page.keyboard.press("Escape")
+            sync_api.expect(page.locator(".p-dialog-mask")).to_have_count(0)
     # The workflows ship without thumbnails; the browser's 404 for each preview image is expected.
     browser.failed[:] = [f for f in browser.failed if not f.endswith(".jpg")]
     browser.console[:] = [c for c in browser.console if "Failed to cache media" not in c[1] and

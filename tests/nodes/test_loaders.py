@@ -135,6 +135,8 @@ def test_native_comfyui_objects_are_refused_with_a_clear_error(run_node):
 
 def test_gguf_diffusion_models_are_listed_and_load_with_their_weights_quantized(run_node, node_classes, fresh_caches,
                                                                                tmp_path, monkeypatch):
+    from comfyui_sd35.nodes.loaders import bundled_files
+
     from bench.gguf_write import write_gguf
     from sd35_core.tiny import tiny_mmdit
 
@@ -144,7 +146,8 @@ def test_gguf_diffusion_models_are_listed_and_load_with_their_weights_quantized(
     (tmp_path / "checkpoints" / "notes.txt").write_text("not a model")
     monkeypatch.setenv("SD35_MODELS_DIR", str(tmp_path))
     names = node_classes["SD35CheckpointLoader"].INPUT_TYPES()["required"]["ckpt_name"][0]
-    assert names == [os.path.join("sd35", "tiny-Q8_0.gguf")]
+    # The folder's model files first (the .gguf among them, the .txt not), then the pack's bundled ones.
+    assert names == [os.path.join("sd35", "tiny-Q8_0.gguf"), *bundled_files("checkpoint")]
     model, clip, vae = run_node("SD35CheckpointLoader", ckpt_name=names[0], weight_dtype="default")
     assert model.variant == "sd3.5_large" and clip is None and vae is None
     qkv = model.mmdit.joint_blocks[0].x_block.attn.qkv
