@@ -23,7 +23,7 @@ class RecipeConfig:
     # MMDiT-X (SD3.5 Medium structure: qk-norm, attn2 in the first half of the blocks)
     hidden: int = 64
     depth: int = 4
-    flow_steps: int = 2200
+    flow_steps: int = 6000
     flow_batch: int = 32
     flow_lr: float = 1e-3
     flow_schedule_steps: int = 0  # as vae_schedule_steps, for the MMDiT-X

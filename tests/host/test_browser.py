@@ -241,6 +241,26 @@ def test_workflow_loads_in_the_frontend(browser, name):
     assert browser.extension_errors(start) == []
 
 
+def test_the_tiny_shapes_workflow_runs_as_shipped_and_shows_its_image(browser):
+    start = browser.mark()
+    browser.load_workflow("tiny_shapes_txt2img")
+    loader, save = browser.node_id("SD35CheckpointLoader"), browser.node_id("SaveImage")
+    assert browser.widgets(loader)["ckpt_name"] == "tiny_shapes_sd35.safetensors"  # listed by the loader as is
+    browser.page.locator('[data-testid="queue-button"]').click()
+    browser.page.wait_for_function("""(id) => {
+        const node = app.graph.getNodeById(id);
+        return node.imgs?.length && node.imgs[0].complete && node.imgs[0].naturalWidth > 0;
+    }""", arg=save, timeout=TIMEOUT_MS)
+    assert browser.js("(id) => [app.graph.getNodeById(id).imgs[0].naturalWidth, "
+                      "app.graph.getNodeById(id).imgs[0].naturalHeight]", save) == [64, 64]
+    status = browser.status(loader)
+    assert "text encoders: clip_l, clip_g, t5xxl" in status and "VAE: bundled" in status, status
+    browser.js("() => app.extensionManager.command.execute('Comfy.Canvas.FitView')")
+    browser.page.wait_for_timeout(300)
+    browser.screenshot("tiny_shapes_txt2img_done")  # the README's picture of a workflow
+    assert browser.extension_errors(start) == []
+
+
 def test_preset_control_fills_the_recommended_settings(browser, server):
     start = browser.mark()
     from sd35_core.defaults import defaults_json

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from ..nodes.conftest import load_pack
-from .comfyui_server import COMFYUI_PATH, comfyui_python
+from .comfyui_server import COMFYUI_PATH, ROOT, comfyui_python
 from .conftest import GGUF_MODEL
 from .graphs import (
     LARGE,
@@ -77,6 +77,20 @@ def test_txt2img_with_slg_equals_the_plain_pipeline(server, tmp_path):
                    env={k: v for k, v in os.environ.items() if not k.startswith("SD35_")})
     expected = np.load(tmp_path / "ref.npy")
     assert np.array_equal(image, expected), f"max diff {np.abs(image.astype(int) - expected).max()}"
+
+
+def test_the_shipped_tiny_shapes_workflow_draws_its_prompt_with_the_bundled_model_alone(server):
+    from sd35_train.analysis import read_image
+
+    with open(os.path.join(ROOT, "workflows", "api", "tiny_shapes_txt2img.json"), encoding="utf-8") as f:
+        workflow = json.load(f)  # queued as shipped: no file of the test's own is named in it
+    result = server.run(workflow)
+    assert_success(result, server)
+    (image,) = server.images(result["prompt_id"])
+    assert image.shape == (64, 64, 3)
+    reading = read_image(image)
+    assert workflow["3"]["inputs"]["text"] == "a red circle on the left of a blue background"
+    assert (reading.color, reading.shape, reading.position, reading.background) == ("red", "circle", "left", "blue")
 
 
 def test_same_prompt_twice_gives_identical_images_and_loads_once(server):
