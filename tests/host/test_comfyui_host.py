@@ -79,20 +79,6 @@ def test_txt2img_with_slg_equals_the_plain_pipeline(server, tmp_path):
     assert np.array_equal(image, expected), f"max diff {np.abs(image.astype(int) - expected).max()}"
 
 
-def test_the_shipped_tiny_shapes_workflow_draws_its_prompt_with_the_bundled_model_alone(server):
-    from sd35_train.analysis import read_image
-
-    with open(os.path.join(ROOT, "workflows", "api", "tiny_shapes_txt2img.json"), encoding="utf-8") as f:
-        workflow = json.load(f)  # queued as shipped: no file of the test's own is named in it
-    result = server.run(workflow)
-    assert_success(result, server)
-    (image,) = server.images(result["prompt_id"])
-    assert image.shape == (64, 64, 3)
-    reading = read_image(image)
-    assert workflow["3"]["inputs"]["text"] == "a red circle on the left of a blue background"
-    assert (reading.color, reading.shape, reading.position, reading.background) == ("red", "circle", "left", "blue")
-
-
 def test_same_prompt_twice_gives_identical_images_and_loads_once(server):
     graph = txt2img_graph(prefix="twice", seed=1234)
     log0 = server.log()
@@ -292,3 +278,17 @@ def test_an_old_api_prompt_with_depth_normalize_invert_is_still_honoured(server)
     plain, kept, inverted = normalised(None), normalised(False), normalised(True)
     assert (plain == kept).all()
     assert (abs(inverted - (255 - plain)) <= 1).all() and not (inverted == plain).all()
+
+
+def test_the_shipped_tiny_shapes_workflow_draws_its_prompt_with_the_bundled_model_alone(server):
+    from sd35_train.analysis import read_image
+
+    with open(os.path.join(ROOT, "workflows", "api", "tiny_shapes_txt2img.json"), encoding="utf-8") as f:
+        workflow = json.load(f)  # queued as shipped: no file of the test's own is named in it
+    result = server.run(workflow)
+    assert_success(result, server)
+    (image,) = server.images(result["prompt_id"])
+    assert image.shape == (64, 64, 3)
+    reading = read_image(image)
+    assert workflow["3"]["inputs"]["text"] == "a red circle on the left of a blue background"
+    assert (reading.color, reading.shape, reading.position, reading.background) == ("red", "circle", "left", "blue")
