@@ -1,10 +1,21 @@
 """API-format graphs of the pack's nodes for the host tests (tiny checkpoints of conftest.py's model set)."""
 
+import json
+import os
+
+from .comfyui_server import ROOT
+
 MEDIUM = "tiny-sd3.5_medium.safetensors"  # 10 joint blocks: the reference SLG layers 7,8,9 exist
 LARGE = "tiny-sd3.5_large.safetensors"  # 4 joint blocks: cheaper, and what the ControlNets are for
 TXT2IMG = dict(prompt="a lighthouse on a cliff at dusk", negative="blurry", width=48, height=32, steps=4, cfg=4.0,
                sampler="dpmpp_2m", schedule="reference", shift=3.0, seed=42, slg_layers=[7, 8, 9], slg_scale=2.5,
                slg_start=0.01, slg_end=0.6, slg_window="steps")
+
+
+def shipped_api_workflow(name: str) -> dict:
+    """``workflows/api/<name>.json`` as the pack ships it."""
+    with open(os.path.join(ROOT, "workflows", "api", f"{name}.json"), encoding="utf-8") as f:
+        return json.load(f)
 
 
 # ComfyUI's model management logs this when it (re)loads a model registered by the pack.

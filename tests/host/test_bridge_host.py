@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from .bridge_models import LORA_STRENGTH, BridgeFiles, write_bridge_models
 from .comfyui_server import COMFYUI_PATH, ROOT, SHARED, comfyui_python, start_server
+from .graphs import shipped_api_workflow
 
 pytestmark = pytest.mark.skipif(
     not COMFYUI_PATH, reason="COMFYUI_PATH is not set: the real-ComfyUI host tests need a ComfyUI checkout"
@@ -321,10 +322,7 @@ def test_inside_comfyui_block_patches_take_native_passes_and_partial_loads_keep_
 def test_shipped_mixed_workflow_runs_and_equals_the_same_graph_of_our_nodes(server):
     # The API twin of workflows/sd3.5_large_native_lora_controlnet.json with the tiny files. ComfyUI cannot build
     # a VAE of the tiny shape, so its VAE sockets get our VAE through SD3.5 VAE to ComfyUI VAE instead.
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "workflows", "api",
-                        "sd3.5_large_native_lora_controlnet.json")
-    with open(path) as f:
-        g = Graph(json.load(f))
+    g = Graph(shipped_api_workflow("sd3.5_large_native_lora_controlnet"))
     by_type = {node["class_type"]: node_id for node_id, node in g.items()}
     ckpt_id = by_type["CheckpointLoaderSimple"]
     overrides = {

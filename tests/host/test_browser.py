@@ -114,6 +114,17 @@ class Browser:
             return w ? w.element.innerText : "";
         }""", node_id)
 
+    def queue_and_wait_for_image(self, save_id: int) -> list[int]:
+        """Queue the graph with the Run button, wait until the save node shows its image; its [width, height]."""
+        self.page.locator('[data-testid="queue-button"]').click()
+        self.page.wait_for_function("""(id) => {
+            const images = app.nodeOutputs?.[String(id)]?.images;
+            const node = app.graph.getNodeById(id);
+            return images?.length && node.imgs?.length && node.imgs[0].complete && node.imgs[0].naturalWidth > 0;
+        }""", arg=save_id, timeout=TIMEOUT_MS)
+        return self.js("(id) => [app.graph.getNodeById(id).imgs[0].naturalWidth, "
+                       "app.graph.getNodeById(id).imgs[0].naturalHeight]", save_id)
+
     def click_widget(self, node_id: int, widget_name: str) -> None:
         """A real mouse click on a canvas widget (the node is centred in view first)."""
         x, y = self.js("""async ([id, name]) => {
@@ -246,13 +257,7 @@ def test_the_tiny_shapes_workflow_runs_as_shipped_and_shows_its_image(browser):
     browser.load_workflow("tiny_shapes_txt2img")
     loader, save = browser.node_id("SD35CheckpointLoader"), browser.node_id("SaveImage")
     assert browser.widgets(loader)["ckpt_name"] == "tiny_shapes_sd35.safetensors"  # listed by the loader as is
-    browser.page.locator('[data-testid="queue-button"]').click()
-    browser.page.wait_for_function("""(id) => {
-        const node = app.graph.getNodeById(id);
-        return node.imgs?.length && node.imgs[0].complete && node.imgs[0].naturalWidth > 0;
-    }""", arg=save, timeout=TIMEOUT_MS)
-    assert browser.js("(id) => [app.graph.getNodeById(id).imgs[0].naturalWidth, "
-                      "app.graph.getNodeById(id).imgs[0].naturalHeight]", save) == [64, 64]
+    assert browser.queue_and_wait_for_image(save) == [64, 64]
     status = browser.status(loader)
     assert "text encoders: clip_l, clip_g, t5xxl" in status and "VAE: bundled" in status, status
     browser.js("() => app.extensionManager.command.execute('Comfy.Canvas.FitView')")
@@ -305,16 +310,10 @@ def test_tiny_txt2img_runs_and_the_extension_reports_the_model(browser, server):
     browser.set_widgets(sampler, {"steps": 4, "slg_end": 0.6})  # the SLG window must cover a step of four
     assert "detected model" == browser.widgets(sampler).get("preset", "detected model")
 
-    browser.page.locator('[data-testid="queue-button"]').click()
-    browser.page.wait_for_function("""(id) => {
-        const images = app.nodeOutputs?.[String(id)]?.images;
-        const node = app.graph.getNodeById(id);
-        return images?.length && node.imgs?.length && node.imgs[0].complete && node.imgs[0].naturalWidth > 0;
-    }""", arg=save, timeout=TIMEOUT_MS)
+    size = browser.queue_and_wait_for_image(save)
     image = browser.js("(id) => app.nodeOutputs[String(id)].images[0]", save)
     assert image["filename"].startswith("sd3.5_medium_txt2img_slg") and image["type"] == "output"
-    assert browser.js("(id) => [app.graph.getNodeById(id).imgs[0].naturalWidth, "
-                      "app.graph.getNodeById(id).imgs[0].naturalHeight]", save) == [64, 48]
+    assert size == [64, 48]
 
     # (2) The loader shows what it detected; the sampler knows the depth of the model that feeds it.
     info = browser.js("(id) => app.graph.getNodeById(id).sd35Info ?? null", loader)
@@ -379,11 +378,7 @@ def test_controlnet_workflow_runs_and_detected_preset_uses_the_controlnet_settin
     browser.set_widgets(cn_loader, {"control_net_name": "tiny-sd3.5_large_controlnet_canny.safetensors"})
     browser.set_widgets(browser.node_id("SD35EmptyLatent"), {"width": 64, "height": 64})
     browser.set_widgets(sampler, {"steps": 2})
-    browser.page.locator('[data-testid="queue-button"]').click()
-    browser.page.wait_for_function("""(id) => {
-        const node = app.graph.getNodeById(id);
-        return node.imgs?.length && node.imgs[0].complete && node.imgs[0].naturalWidth > 0;
-    }""", arg=save, timeout=TIMEOUT_MS)
+    browser.queue_and_wait_for_image(save)
 
     info = browser.js("(id) => app.graph.getNodeById(id).sd35Info ?? null", cn_loader)
     assert info is not None, "SD35ControlNetLoader sent no {'ui': {'sd35_info': [...]}} with its result"

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from ..nodes.conftest import load_pack
-from .comfyui_server import COMFYUI_PATH, ROOT, comfyui_python
+from .comfyui_server import COMFYUI_PATH, comfyui_python
 from .conftest import GGUF_MODEL
 from .graphs import (
     LARGE,
@@ -26,6 +26,7 @@ from .graphs import (
     base_graph,
     quick_graph,
     sampler,
+    shipped_api_workflow,
     txt2img_graph,
 )
 
@@ -283,8 +284,7 @@ def test_an_old_api_prompt_with_depth_normalize_invert_is_still_honoured(server)
 def test_the_shipped_tiny_shapes_workflow_draws_its_prompt_with_the_bundled_model_alone(server):
     from sd35_train.analysis import read_image
 
-    with open(os.path.join(ROOT, "workflows", "api", "tiny_shapes_txt2img.json"), encoding="utf-8") as f:
-        workflow = json.load(f)  # queued as shipped: no file of the test's own is named in it
+    workflow = shipped_api_workflow("tiny_shapes_txt2img")  # queued as shipped: no file of the test's own in it
     result = server.run(workflow)
     assert_success(result, server)
     (image,) = server.images(result["prompt_id"])
