@@ -15,7 +15,9 @@ from .manifest import Manifest, is_done
 from .progress import Progress
 from .rows import FORMATS, expand_jobs, parse_overrides, read_prompts, used_columns, with_overrides
 from .runner import ROW_TIMEOUT_S, BatchRun, prepare_jobs
-from .workflow import describe_targets, is_link, load_workflow, resolve_targets, to_api, validate
+from .targets import describe_targets, resolve_targets
+from .validation import validate
+from .workflow import is_link, load_workflow, to_api
 
 PROG = "sd35 batch"
 ENGINES = ("comfyui", "ray")

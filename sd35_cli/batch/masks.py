@@ -17,7 +17,8 @@ import io
 from collections.abc import Mapping
 from typing import Any
 
-from .workflow import IMAGE_LOADERS, Target, is_link
+from .targets import IMAGE_LOADERS, Target
+from .workflow import is_link
 
 
 def loader_gives_the_image(api: Mapping[str, Mapping[str, Any]], targets: Mapping[str, list[Target]]) -> bool:

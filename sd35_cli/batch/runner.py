@@ -22,7 +22,7 @@ from .manifest import Manifest
 from .progress import Progress
 from .rows import PATH_COLUMNS, Job, file_digest
 from .scheduler import JobQueue, ServerLoad, choose_server
-from .workflow import Target, apply_settings
+from .targets import Target, apply_settings
 
 UPLOAD_SUBFOLDER = "sd35_batch"
 REFRESH_S = 0.5  # how often each server's /queue is read

@@ -16,18 +16,9 @@ import pytest
 from sd35_cli.batch.errors import WorkflowError
 from sd35_cli.batch.rows import Job, Row
 from sd35_cli.batch.runner import prepare_jobs
-from sd35_cli.batch.workflow import (
-    Target,
-    apply_settings,
-    default_targets,
-    describe_targets,
-    load_workflow,
-    resolve_targets,
-    to_api,
-    ui_to_api,
-    validate,
-    workflow_format,
-)
+from sd35_cli.batch.targets import Target, apply_settings, default_targets, describe_targets, resolve_targets
+from sd35_cli.batch.validation import validate
+from sd35_cli.batch.workflow import load_workflow, to_api, ui_to_api, workflow_format
 from tests.cli.batch_graphs import CKPT, UIGraph, txt2img_api, ui_txt2img
 from tests.nodes.conftest import ROOT, load_pack
 
