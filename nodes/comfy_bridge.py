@@ -30,8 +30,10 @@ import comfy.supported_models
 import comfy.weight_adapter
 import torch
 
+from ..sd35_core.latent import SD3_PREVIEW, LatentPreview
 from ..sd35_core.lora.apply import collect, patched_weight
 from ..sd35_core.mmditx import MMDiTConfig, MMDiTX
+from . import host
 from .comfy_model import ComfyMMDiT, NativePasses, ViewRefusal, comfy_unet_config, mmdit_view, shapes_of
 
 log = logging.getLogger(__name__)
@@ -55,12 +57,13 @@ class SD35MMDiTX(comfy.model_base.SD3):
     these weights, so its LoRA key maps (``model_lora_keys_unet``) and model sampling apply unchanged.
     """
 
-    def __init__(self, mmdit: MMDiTX, shift: float):
+    def __init__(self, mmdit: MMDiTX, shift: float, preview: LatentPreview = SD3_PREVIEW):
         unet_config = dict(comfy_unet_config(mmdit.config), disable_unet_model_creation=True)
         model_config = comfy.supported_models.SD3(unet_config)
         model_config.sampling_settings["shift"] = float(shift)
         model_config.set_inference_dtype(mmdit.compute_dtype, None)
         super().__init__(model_config)
+        self.latent_format = host.comfy_latent_format(preview)  # ComfyUI's samplers preview with it
         self.diffusion_model = ComfyMMDiT(mmdit)
 
 
@@ -94,9 +97,10 @@ class SD35ModelPatcher(comfy.model_patcher.ModelPatcher):
         return super().add_patches(patches, strength_patch, strength_model)
 
 
-def model_patcher(mmdit: MMDiTX, shift: float, load_device: torch.device, offload_device: torch.device):
+def model_patcher(mmdit: MMDiTX, shift: float, load_device: torch.device, offload_device: torch.device,
+                  preview: LatentPreview = SD3_PREVIEW):
     """The ``ModelPatcher`` that registers our MMDiT-X with ComfyUI (see the module doc)."""
-    patcher = SD35ModelPatcher(SD35MMDiTX(mmdit, shift), load_device, offload_device)
+    patcher = SD35ModelPatcher(SD35MMDiTX(mmdit, shift, preview), load_device, offload_device)
     patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_LOAD, _apply_skipped_patches)
     return patcher
 
@@ -165,6 +169,10 @@ class NativeModel:
     @property
     def device(self) -> torch.device:
         return self.patcher.load_device
+
+    @property
+    def preview(self) -> LatentPreview:
+        return SD3_PREVIEW  # ComfyUI's own model, with its own latent format
 
     @property
     def compute_dtype(self) -> torch.dtype:

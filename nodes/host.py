@@ -27,6 +27,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from ..sd35_core.latent import SD3_PREVIEW, LatentPreview, latent_to_rgb_preview
+
 log = logging.getLogger(__name__)
 
 try:  # ComfyUI is importable only inside its own process (or with its checkout on sys.path).
@@ -283,17 +285,29 @@ def check_interrupt() -> bool:
     return False
 
 
+def comfy_latent_format(preview: LatentPreview = SD3_PREVIEW):
+    """ComfyUI's SD3 latent format; for a model with a preview map of its own (its VAE is not SD3's), that map
+    and no TAESD decoder, as ComfyUI's TAESD3 was trained for SD3's VAE."""
+    latent_format = _latent_formats.SD3()
+    if preview != SD3_PREVIEW:
+        latent_format.latent_rgb_factors = [list(row) for row in preview.factors]
+        latent_format.latent_rgb_factors_bias = list(preview.bias)
+        latent_format.taesd_decoder_name = None
+    return latent_format
+
+
 class Progress:
     """Per-step progress with latent previews: ComfyUI's progress bar and previewer, or a log line."""
 
-    def __init__(self, total: int, device: torch.device | None = None):
+    def __init__(self, total: int, device: torch.device | None = None, preview: LatentPreview = SD3_PREVIEW):
         self.total = total
         self.current = 0
+        self.preview = preview
         self.bar = _comfy_utils.ProgressBar(total) if _comfy_utils is not None else None
         self.previewer = None
         if _latent_preview is not None:
             try:
-                self.previewer = _latent_preview.get_previewer(device or torch_device(), _latent_formats.SD3())
+                self.previewer = _latent_preview.get_previewer(device or torch_device(), comfy_latent_format(preview))
             except Exception as e:  # a broken TAESD file must not stop sampling
                 log.warning("latent previews unavailable: %s", e)
         self.last_preview = None
@@ -311,7 +325,5 @@ class Progress:
             self.bar.update_absolute(self.current, self.total, preview)
         else:
             if x0 is not None:
-                from ..sd35_core.latent import latent_to_rgb_preview
-
-                self.last_preview = latent_to_rgb_preview(x0)
+                self.last_preview = latent_to_rgb_preview(x0, self.preview)
             log.debug("sd35: step %d/%d", self.current, self.total)

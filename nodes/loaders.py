@@ -145,7 +145,7 @@ def managed_diffusion(diffusion: DiffusionModel, device: torch.device) -> host.M
     patcher = None
     if bridge is not None:
         patcher = bridge.model_patcher(diffusion.mmdit, defaults_for(diffusion.variant).shift, device,
-                                       host.offload_device())
+                                       host.offload_device(), diffusion.preview)
     return host.ManagedModule(diffusion.mmdit, device, patcher=patcher)
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..sd35_core.controlnet import ControlNet
+from ..sd35_core.latent import LatentPreview
 from ..sd35_core.loader import DiffusionModel
 from ..sd35_core.lora import LoraPatches
 from ..sd35_core.vae import VAE
@@ -42,6 +43,10 @@ class SD35Model:
     @property
     def variant(self) -> str:
         return self.diffusion.variant
+
+    @property
+    def preview(self) -> LatentPreview:
+        return self.diffusion.preview
 
     @property
     def device(self) -> torch.device:

@@ -215,7 +215,7 @@ class SD35Sampler:
                 log.warning("sd35: the step cache needs the block-level model API; it is off for this native MODEL, "
                             "which runs its own forward pass")
             request = replace(request, share_slg_prefix=False, cache_threshold=0.0)
-        progress = host.Progress(steps, model.device)
+        progress = host.Progress(steps, model.device, model.preview)
 
         def callback(info):
             progress.update(info.index, info.total, info.denoised)

@@ -4,10 +4,14 @@ The SD3 VAE's latents are not centred at zero nor of unit spread; the diffusion 
 ``(latent - shift) * scale``. Samplers apply :func:`process_in` on the way in and :func:`process_out`
 on the way out, so everything outside the sampler (the ``LATENT`` type, VAE encode/decode) holds raw
 VAE-space latents, as ComfyUI does. Constants and preview factors are those of the reference's
-``SD3LatentFormat``.
+``SD3LatentFormat``; a model with a VAE of its own carries its preview map (:class:`LatentPreview`).
 """
 
 from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -35,6 +39,51 @@ LATENT_RGB_FACTORS: tuple[tuple[float, float, float], ...] = (
 )
 
 
+PACK_METADATA_KEY = "sd35"  # the one safetensors metadata entry this pack writes: a JSON object
+
+
+@dataclass(frozen=True)
+class LatentPreview:
+    """A linear map from the 16 model-space latent channels to approximate RGB in [-1, 1].
+
+    SD3's VAE has the reference's factors (:data:`SD3_PREVIEW`); a model with a VAE of its own (the bundled
+    tiny shapes model) carries its map in the ``latent_preview`` field of the pack's metadata entry.
+    """
+
+    factors: tuple[tuple[float, float, float], ...]  # one (r, g, b) row per latent channel
+    bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, str], where: str) -> LatentPreview | None:
+        """The map in a file's metadata (``where`` names the file in errors), or ``None`` when it has none."""
+        raw = metadata.get(PACK_METADATA_KEY)
+        if not isinstance(raw, str):  # absent (GGUF metadata holds other types)
+            return None
+        try:
+            entry = json.loads(raw)
+        except ValueError:
+            raise ValueError(f"{where}: metadata {PACK_METADATA_KEY!r} is not JSON") from None
+        value = entry.get("latent_preview") if isinstance(entry, dict) else None
+        if value is None:
+            return None
+        field = f"{where}: metadata {PACK_METADATA_KEY!r} field 'latent_preview'"
+        try:
+            factors = tuple(tuple(float(v) for v in row) for row in value["factors"])
+            bias = tuple(float(v) for v in value.get("bias", (0.0, 0.0, 0.0)))
+        except (TypeError, KeyError, ValueError):
+            raise ValueError(f"{field}: expected {{'factors': 16 rows of 3 numbers, 'bias': 3 numbers}}") from None
+        if len(factors) != len(LATENT_RGB_FACTORS) or any(len(r) != 3 for r in factors) or len(bias) != 3:
+            raise ValueError(f"{field}: expected 16 rows of 3 factors and 3 biases; got "
+                             f"{[len(r) for r in factors]} and {len(bias)}")
+        return cls(factors, bias)  # type: ignore[arg-type]
+
+    def to_json(self) -> dict:
+        return {"factors": [list(r) for r in self.factors], "bias": list(self.bias)}
+
+
+SD3_PREVIEW = LatentPreview(LATENT_RGB_FACTORS)
+
+
 def process_in(latent: torch.Tensor) -> torch.Tensor:
     """Raw VAE latent -> diffusion-model latent space: ``(latent - shift) * scale``."""
     return (latent - SD3_LATENT_SHIFT) * SD3_LATENT_SCALE
@@ -45,7 +94,7 @@ def process_out(latent: torch.Tensor) -> torch.Tensor:
     return latent / SD3_LATENT_SCALE + SD3_LATENT_SHIFT
 
 
-def latent_to_rgb_preview(x0: torch.Tensor) -> torch.Tensor:
+def latent_to_rgb_preview(x0: torch.Tensor, preview: LatentPreview = SD3_PREVIEW) -> torch.Tensor:
     """Quick RGB approximation of a model-space latent, for live previews during sampling.
 
     ``x0`` is ``[16, h, w]`` in the diffusion model's latent space (``process_in`` applied), such as
@@ -59,6 +108,6 @@ def latent_to_rgb_preview(x0: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"latent preview: expected a latent of shape [{len(LATENT_RGB_FACTORS)}, h, w]; got {tuple(x0.shape)}"
         )
-    factors = torch.tensor(LATENT_RGB_FACTORS, dtype=torch.float32)
-    rgb = x0.detach().to(device="cpu", dtype=torch.float32).permute(1, 2, 0) @ factors
+    factors = torch.tensor(preview.factors, dtype=torch.float32)
+    rgb = x0.detach().to(device="cpu", dtype=torch.float32).permute(1, 2, 0) @ factors + torch.tensor(preview.bias)
     return ((rgb + 1) / 2).clamp(0, 1).mul(255).to(torch.uint8)

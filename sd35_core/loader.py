@@ -21,6 +21,7 @@ from .controlnet import LOAD_KEY_MAP as CONTROLNET_KEY_MAP
 from .controlnet import ControlNet, ControlNetConfig, check_controlnet_fits
 from .gguf.reader import GGUFFile, is_gguf
 from .gguf.sd3 import open_sd3_gguf
+from .latent import SD3_PREVIEW, LatentPreview
 from .mmditx import MMDiTConfig, MMDiTX
 from .t5 import T5Config, T5Encoder
 from .text_roles import BUNDLED_TEXT_PREFIXES, check_role, check_text_encoder_files, identify_for_role
@@ -53,6 +54,7 @@ class DiffusionModel:
     variant: str  # key into sd35_core.defaults; "sd3.5_large" when Turbo cannot be told apart
     path: str
     policy: DTypePolicy
+    preview: LatentPreview = SD3_PREVIEW  # for live previews: the file's own map when its VAE is not SD3's
 
     @property
     def label(self) -> str:
@@ -136,7 +138,11 @@ def _load_mmdit(file: SafetensorsFile, prefix: str, policy: DTypePolicy, device)
     variant = detect_variant(config, file.metadata)
     log.info("%s: %s, depth %d, hidden %d, %s", file.name, VARIANT_LABELS[variant], config.depth,
              config.hidden_size, _storage_summary(file, prefix, policy))
-    return DiffusionModel(mmdit, config, variant, file.path, policy)
+    try:
+        preview = LatentPreview.from_metadata(file.metadata, file.path) or SD3_PREVIEW
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    return DiffusionModel(mmdit, config, variant, file.path, policy, preview)
 
 
 def _storage_summary(file, prefix: str, policy: DTypePolicy) -> str:

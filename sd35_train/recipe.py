@@ -3,7 +3,8 @@
 :func:`run_recipe` writes, under ``out``:
 
 * ``tiny_shapes_sd35.safetensors``: one checkpoint in the official layout (``model.diffusion_model.``,
-  ``first_stage_model.``, ``text_encoders.{clip_l,clip_g,t5xxl}.transformer.``), fp16;
+  ``first_stage_model.``, ``text_encoders.{clip_l,clip_g,t5xxl}.transformer.``), fp16, with the recipe and
+  the VAE's latent preview map in its metadata;
 * ``tiny_shapes_controlnet_canny.safetensors``: the ControlNet in Stability's release layout;
 * ``tokenizers/clip`` and ``tokenizers/t5``: the tokenizer files the bundled encoders were made for;
 * ``training_log.json``: the loss curves, the config and the seconds each stage took.
@@ -27,13 +28,14 @@ from safetensors.torch import load_file, save_file
 
 from sd35_core.bundled import CHECKPOINT_NAME, CONTROLNET_NAME
 from sd35_core.controlnet import CONTROL_TYPES, SAVE_KEY_MAP
-from sd35_core.latent import process_in
+from sd35_core.latent import PACK_METADATA_KEY, process_in
 from sd35_core.tiny import save_state
 
 from .config import RecipeConfig
 from .controlnet_train import control_latents, train_controlnet
 from .data import render, spec_for
 from .flow import FlowData, new_mmdit, train_mmdit
+from .preview import fit_latent_preview
 from .text import (
     STORAGE_DTYPE,
     build_text_encoders,
@@ -50,7 +52,6 @@ log = logging.getLogger(__name__)
 TOKENIZER_DIR = "tokenizers"
 LOG_NAME = "training_log.json"
 MODEL_TAG = "tiny_shapes"
-METADATA_KEY = "sd35_tiny_shapes"
 
 
 def training_images(cfg: RecipeConfig) -> tuple[torch.Tensor, list]:
@@ -127,8 +128,10 @@ def run_recipe(out: str, work: str, cfg: RecipeConfig | None = None) -> dict:
     seconds["mmdit"] = time.perf_counter() - t
 
     # One metadata entry: safetensors writes several in hash order, which would make the bytes vary per run.
-    meta = {METADATA_KEY: json.dumps({"model": MODEL_TAG, "tokenizers": TOKENIZER_DIR,
-                                      "recipe": dataclasses.asdict(cfg)}, sort_keys=True)}
+    preview = fit_latent_preview(latents, images)  # for ComfyUI's live previews
+    meta = {PACK_METADATA_KEY: json.dumps({"model": MODEL_TAG, "tokenizers": TOKENIZER_DIR,
+                                           "recipe": dataclasses.asdict(cfg), "latent_preview": preview.to_json()},
+                                          sort_keys=True)}
     parts = {
         "model.diffusion_model.": mmdit.state_dict(),
         "first_stage_model.": vae.state_dict(),
@@ -152,7 +155,7 @@ def run_recipe(out: str, work: str, cfg: RecipeConfig | None = None) -> dict:
     cn_file = {SAVE_KEY_MAP.get(k, k): v for k, v in cn.state_dict().items()}
     cn_file["control_type"] = torch.tensor([CONTROL_TYPES["canny"]], dtype=torch.int32)
     save_state(os.path.join(out, CONTROLNET_NAME), {"": cn_file}, dtype=STORAGE_DTYPE,
-               metadata={METADATA_KEY: json.dumps({"model": MODEL_TAG, "base": CHECKPOINT_NAME}, sort_keys=True)})
+               metadata={PACK_METADATA_KEY: json.dumps({"model": MODEL_TAG, "base": CHECKPOINT_NAME}, sort_keys=True)})
     seconds["controlnet"] = time.perf_counter() - t
 
     result = {"config": dataclasses.asdict(cfg), "seconds": {k: round(v, 1) for k, v in seconds.items()},

@@ -1,10 +1,15 @@
+import json
+
 import pytest
 import torch
 
 from sd35_core.latent import (
     LATENT_RGB_FACTORS,
+    PACK_METADATA_KEY,
     SD3_LATENT_SCALE,
     SD3_LATENT_SHIFT,
+    SD3_PREVIEW,
+    LatentPreview,
     latent_to_rgb_preview,
     process_in,
     process_out,
@@ -61,3 +66,38 @@ def test_preview_of_a_batch_shows_its_first_image_and_accepts_any_float_dtype():
 def test_preview_rejects_latents_of_other_shapes():
     with pytest.raises(ValueError, match=r"\[16, h, w\]"):
         latent_to_rgb_preview(torch.zeros(4, 8, 8))
+
+
+def _own_map() -> LatentPreview:
+    return LatentPreview(tuple((0.01 * i, -0.02 * i, 0.5) for i in range(16)), (0.25, -0.5, 0.0))
+
+
+def test_a_models_own_preview_map_applies_its_factors_and_bias():
+    preview = _own_map()
+    assert torch.all(latent_to_rgb_preview(torch.zeros(16, 2, 2), preview)
+                     == torch.tensor([159, 63, 127], dtype=torch.uint8))  # the bias alone: (b + 1) / 2 * 255
+    x = torch.ones(16, 1, 1)
+    expected = torch.tensor(preview.factors).sum(0) + torch.tensor(preview.bias)
+    assert torch.equal(latent_to_rgb_preview(x, preview)[0, 0],
+                       ((expected + 1) / 2).clamp(0, 1).mul(255).to(torch.uint8))
+
+
+def test_a_preview_map_travels_in_the_packs_metadata_entry():
+    preview = _own_map()
+    metadata = {PACK_METADATA_KEY: json.dumps({"model": "x", "latent_preview": preview.to_json()})}
+    assert LatentPreview.from_metadata(metadata, "m.safetensors") == preview
+    assert LatentPreview.from_metadata({}, "m.safetensors") is None  # SD3's VAE: the default factors
+    assert LatentPreview.from_metadata({PACK_METADATA_KEY: json.dumps({"model": "x"})}, "m.safetensors") is None
+    assert SD3_PREVIEW.factors == LATENT_RGB_FACTORS and SD3_PREVIEW.bias == (0.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("value, match", [
+    ("{not json", "is not JSON"),
+    (json.dumps({"latent_preview": {"factors": [[0.1, 0.2, 0.3]] * 15}}), "16 rows of 3 factors .* got \\[3, 3"),
+    (json.dumps({"latent_preview": {"factors": [[0.1, 0.2]] * 16}}), "16 rows of 3 factors"),
+    (json.dumps({"latent_preview": {"factors": [["a", 0, 0]] * 16}}), "field 'latent_preview': expected"),
+    (json.dumps({"latent_preview": [1, 2, 3]}), "field 'latent_preview': expected"),
+])
+def test_a_malformed_preview_map_is_refused_naming_the_file_and_field(value, match):
+    with pytest.raises(ValueError, match="m.safetensors: metadata 'sd35'.*" + match):
+        LatentPreview.from_metadata({PACK_METADATA_KEY: value}, "m.safetensors")

@@ -41,6 +41,23 @@ def test_large_is_reported_as_large_or_turbo_unless_metadata_says_turbo(tmp_path
     assert loader.load_checkpoint(turbo).model.variant == "sd3.5_large_turbo"
 
 
+def test_a_checkpoint_carries_its_latent_preview_map_in_the_packs_metadata(tmp_path):
+    import json
+
+    from sd35_core.latent import PACK_METADATA_KEY, SD3_PREVIEW, LatentPreview
+
+    own = LatentPreview(tuple((0.1, 0.0, -0.1) for _ in range(16)), (0.0, 0.5, 0.0))
+    with_map = tiny.write_checkpoint(tmp_path / "a.safetensors", vae=False,
+                                     metadata={PACK_METADATA_KEY: json.dumps({"latent_preview": own.to_json()})})
+    assert loader.load_checkpoint(with_map).model.preview == own
+    plain = tiny.write_checkpoint(tmp_path / "b.safetensors", vae=False)
+    assert loader.load_checkpoint(plain).model.preview == SD3_PREVIEW
+    broken = tiny.write_checkpoint(tmp_path / "c.safetensors", vae=False,
+                                   metadata={PACK_METADATA_KEY: json.dumps({"latent_preview": {"factors": [[1]]}})})
+    with pytest.raises(CheckpointError, match=r"c\.safetensors: metadata 'sd35' field 'latent_preview'"):
+        loader.load_checkpoint(broken)
+
+
 def test_a_bare_diffusion_model_loads_without_vae(tiny_models):
     parts = loader.load_checkpoint(tiny_models.diffusion_model)
     assert parts.model.variant == "sd3.5_medium" and parts.vae is None
