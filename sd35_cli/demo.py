@@ -37,7 +37,7 @@ GRID_PROMPTS = (
     "a yellow square on the top of a purple background",
     "a green triangle on the right of a white background",
     "a white circle on the bottom of a black background",
-    "an orange square on the center of a green background",
+    "a purple square on the center of a green background",
     "a blue triangle on the top of a yellow background",
 )
 CONTROL_PROMPT = "a yellow triangle on the right of a blue background"

@@ -39,7 +39,7 @@ def controlnet_config(cfg: RecipeConfig) -> ControlNetConfig:
     # The reference's path for ControlNets of the smaller models ("2b"): its own patch embedding, and the
     # diffusion model's embedded pooled vector (input width = hidden). The 8b path is for SD3.5 Large only.
     return ControlNetConfig(hidden_size=cfg.hidden, num_heads=cfg.hidden // 64, num_layers=cfg.cn_layers,
-                            patch_size=2, in_channels=16, pooled_dim=cfg.hidden, has_x_embedder=True)
+                            patch_size=cfg.patch_size, in_channels=16, pooled_dim=cfg.hidden, has_x_embedder=True)
 
 
 def new_controlnet(cfg: RecipeConfig) -> ControlNet:

@@ -29,15 +29,16 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("left", "right", "top", "bottom", "center")
-# Where each position puts the shape's centre, as fractions of the image side (x, y).
+# Where each position puts the shape's centre, as fractions of the image side (x, y); 0.24 = the largest
+# shape (HALF_SIZE) at the largest offset (JITTER) from it still stays inside the picture.
 ANCHORS: dict[str, tuple[float, float]] = {
-    "left": (0.22, 0.5),
-    "right": (0.78, 0.5),
-    "top": (0.5, 0.22),
-    "bottom": (0.5, 0.78),
+    "left": (0.24, 0.5),
+    "right": (0.76, 0.5),
+    "top": (0.5, 0.24),
+    "bottom": (0.5, 0.76),
     "center": (0.5, 0.5),
 }
-HALF_SIZE = (0.14, 0.19)  # half the shape's extent, as a fraction of the side (min, max)
+HALF_SIZE = (0.15, 0.20)  # half the shape's extent, as a fraction of the side (min, max)
 JITTER = 0.04  # centre offset from the anchor, at most, as a fraction of the side
 COLOR_JITTER = 8  # per-channel colour variation, at most
 
@@ -117,8 +118,8 @@ def render(spec: ShapeSpec) -> np.ndarray:
     if spec.shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=spec.color_rgb)
     elif spec.shape == "square":
-        q = r * 0.9  # a square looks larger than a circle of the same extent
-        draw.rectangle([cx - q, cy - q, cx + q, cy + q], fill=spec.color_rgb)
+        # As wide as the circle: its corners, a fifth of its area, are all that tells the two apart
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=spec.color_rgb)
     elif spec.shape == "triangle":
         # Upright isosceles triangle with its bounding box centred on the centre.
         draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=spec.color_rgb)

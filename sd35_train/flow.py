@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sd35_core.mmditx import MMDiTConfig, MMDiTX
+from sd35_core.mmditx import LATENT_DOWNSCALE, MMDiTConfig, MMDiTX
 from sd35_core.tiny import randomize_, sincos_pos_embed
 
 from .config import RecipeConfig
@@ -24,13 +24,18 @@ from .text import CLIP_G_WIDTH, CLIP_L_WIDTH, T5_WIDTH, ConditioningCache
 
 log = logging.getLogger(__name__)
 
-POS_EMBED_GRID = 32  # up to 512 px images, as the tiny test models
+MAX_IMAGE_SIDE = 512  # pixels: the largest image the position embedding covers, as the tiny test models
+
+
+def pos_embed_grid(cfg: RecipeConfig) -> int:
+    """Side of the position-embedding grid, in patches, for images up to :data:`MAX_IMAGE_SIDE`."""
+    return MAX_IMAGE_SIDE // (LATENT_DOWNSCALE * cfg.patch_size)
 
 
 def mmdit_config(cfg: RecipeConfig) -> MMDiTConfig:
     """SD3.5 Medium's structure at toy size: qk-norm, the second image self-attention in the first half."""
-    return MMDiTConfig(patch_size=2, in_channels=16, out_channels=16, hidden_size=cfg.hidden, depth=cfg.depth,
-                       num_heads=cfg.hidden // 64, pos_embed_max_size=POS_EMBED_GRID,
+    return MMDiTConfig(patch_size=cfg.patch_size, in_channels=16, out_channels=16, hidden_size=cfg.hidden,
+                       depth=cfg.depth, num_heads=cfg.hidden // 64, pos_embed_max_size=pos_embed_grid(cfg),
                        pooled_dim=CLIP_L_WIDTH + CLIP_G_WIDTH, context_dim=T5_WIDTH, qk_norm=True,
                        x_block_self_attn_layers=tuple(range(cfg.depth // 2)))
 
@@ -47,7 +52,7 @@ def new_mmdit(cfg: RecipeConfig) -> MMDiTX:
     model = randomize_(MMDiTX(mmdit_config(cfg)), cfg.seed + 200)
     zero_init_modulations(model)
     with torch.no_grad():
-        model.pos_embed.copy_(sincos_pos_embed(cfg.hidden, POS_EMBED_GRID))
+        model.pos_embed.copy_(sincos_pos_embed(cfg.hidden, pos_embed_grid(cfg)))
     return model
 
 

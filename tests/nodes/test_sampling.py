@@ -222,6 +222,27 @@ def test_progress_every_step_and_cancel_leaves_the_model_usable(run_node, parts,
     assert torch.equal(after["samples"], first["samples"])
 
 
+def test_a_model_with_its_own_preview_map_is_previewed_with_it(run_node, monkeypatch):
+    from comfyui_sd35.nodes import host
+    from comfyui_sd35.sd35_core.latent import SD3_PREVIEW, latent_to_rgb_preview
+
+    model, clip, _ = run_node("SD35CheckpointLoader", ckpt_name="tiny_shapes_sd35.safetensors", weight_dtype="default")
+    assert model.preview != SD3_PREVIEW  # its VAE is its own, trained here
+    (pos,) = run_node("SD35TextEncode", clip=clip, text="a red circle on the left of a blue background")
+    (neg,) = run_node("SD35TextEncode", clip=clip, text="")
+    (latent,) = run_node("SD35EmptyLatent", width=64, height=64, batch_size=1)
+    shown = []
+
+    class Recording(host.Progress):
+        def update(self, step, total=None, x0=None):
+            super().update(step, total, x0)
+            shown.append(torch.equal(self.last_preview, latent_to_rgb_preview(x0, model.preview)))
+
+    monkeypatch.setattr(host, "Progress", Recording)
+    run_node("SD35Sampler", model=model, positive=pos, negative=neg, latent=latent, **sampler_inputs())
+    assert shown == [True] * 3
+
+
 def test_controlnet_apply_attaches_the_hint_and_the_sampler_runs_it(run_node, parts, models_env):
     from comfyui_sd35.sd35_core import pipeline
     from comfyui_sd35.sd35_core.controlnet import ControlHint, prepare_control_image

@@ -44,3 +44,21 @@ def test_it_draws_the_asked_background():
     latent = txt2img(parts.model.mmdit, CondEntry(*pos), CondEntry(*neg), request, width=64, height=64)
     image = ((parts.vae.decode(latent)[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0)
     assert read_image(np.asarray(image)).background == "blue"
+
+
+def test_its_own_latent_preview_map_shows_its_pictures_closer_than_sd3s_factors():
+    from sd35_core.latent import SD3_PREVIEW, latent_to_rgb_preview, process_in
+    from sd35_train.data import render
+    from sd35_train.evaluate import eval_specs
+
+    parts = load_checkpoint(tiny_shapes_checkpoint())
+    assert parts.model.preview != SD3_PREVIEW
+    errors = {"own": [], "sd3": []}
+    for spec in eval_specs(12):
+        pixels = torch.from_numpy(render(spec).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+        latent = process_in(parts.vae.encode(pixels))
+        target = torch.nn.functional.avg_pool2d(pixels, 8)[0].permute(1, 2, 0)  # what one latent position covers
+        for name, preview in (("own", parts.model.preview), ("sd3", SD3_PREVIEW)):
+            shown = latent_to_rgb_preview(latent, preview).float() / 127.5 - 1
+            errors[name].append(float((shown - target).abs().mean()))
+    assert sum(errors["own"]) < 0.8 * sum(errors["sd3"])
