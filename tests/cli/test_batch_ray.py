@@ -209,9 +209,13 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_does_the_rest_none_twice(ray_session, 
     out = tmp_path / "out"
     stop = threading.Event()
     watcher = _when(str(out), 3, lambda: _thread.interrupt_main(signal.SIGINT) or True, stop)
+    # A test run started in the background (`cmd &`, nohup) inherits SIGINT ignored, and interrupt_main then
+    # does nothing: handle it as an interactive Python does.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         assert batch(tiny_models, prompts, out, workers=1) == 130
     finally:
+        signal.signal(signal.SIGINT, inherited)
         stop.set()
         watcher.join()
     err = capsys.readouterr().err

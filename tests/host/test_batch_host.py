@@ -121,11 +121,18 @@ def _stop_leftover_clients():
             proc.communicate()
 
 
+def _sigint_as_a_terminal_sends_it():
+    # A test run started in the background (`cmd &`, nohup) hands SIGINT down ignored, and a Python started
+    # with it ignored never raises KeyboardInterrupt: the Ctrl-C test would test nothing.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def client(*args):
-    """Start ``python -m sd35_cli.batch`` as its own process."""
+    """Start ``python -m sd35_cli.batch`` as its own process, with SIGINT as a terminal would deliver it."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-m", "sd35_cli.batch", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_as_a_terminal_sends_it)
     _CLIENTS.append(proc)
     return proc
 
