@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .checkpoint import CheckpointError
+
 SD3_LATENT_SCALE = 1.5305
 SD3_LATENT_SHIFT = 0.0609
 
@@ -62,7 +64,7 @@ class LatentPreview:
         try:
             entry = json.loads(raw)
         except ValueError:
-            raise ValueError(f"{where}: metadata {PACK_METADATA_KEY!r} is not JSON") from None
+            raise CheckpointError(f"{where}: metadata {PACK_METADATA_KEY!r} is not JSON") from None
         value = entry.get("latent_preview") if isinstance(entry, dict) else None
         if value is None:
             return None
@@ -71,9 +73,9 @@ class LatentPreview:
             factors = tuple(tuple(float(v) for v in row) for row in value["factors"])
             bias = tuple(float(v) for v in value.get("bias", (0.0, 0.0, 0.0)))
         except (TypeError, KeyError, ValueError):
-            raise ValueError(f"{field}: expected {{'factors': 16 rows of 3 numbers, 'bias': 3 numbers}}") from None
+            raise CheckpointError(f"{field}: expected {{'factors': 16 rows of 3 numbers, 'bias': 3 numbers}}") from None
         if len(factors) != len(LATENT_RGB_FACTORS) or any(len(r) != 3 for r in factors) or len(bias) != 3:
-            raise ValueError(f"{field}: expected 16 rows of 3 factors and 3 biases; got "
+            raise CheckpointError(f"{field}: expected 16 rows of 3 factors and 3 biases; got "
                              f"{[len(r) for r in factors]} and {len(bias)}")
         return cls(factors, bias)  # type: ignore[arg-type]
 

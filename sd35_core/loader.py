@@ -138,10 +138,7 @@ def _load_mmdit(file: SafetensorsFile, prefix: str, policy: DTypePolicy, device)
     variant = detect_variant(config, file.metadata)
     log.info("%s: %s, depth %d, hidden %d, %s", file.name, VARIANT_LABELS[variant], config.depth,
              config.hidden_size, _storage_summary(file, prefix, policy))
-    try:
-        preview = LatentPreview.from_metadata(file.metadata, file.path) or SD3_PREVIEW
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
+    preview = LatentPreview.from_metadata(file.metadata, file.path) or SD3_PREVIEW
     return DiffusionModel(mmdit, config, variant, file.path, policy, preview)
 
 
