@@ -5,7 +5,7 @@ Run from the repository root (needs the ray extra)::
     python bench/bench_batch_ray.py --rows 8 --size 64 --steps 4 --workers 1,2
 
 Every variant is a fresh command-line process, timed from start to exit (what a user waits for), on the tiny
-seeded model set of ``sd35_core.tiny`` (no downloads; real code paths, toy widths):
+seeded model set of ``sd35_core.loading.tiny`` (no downloads; real code paths, toy widths):
 
 - ``generate_loop``: ``sd35 generate`` once per row, as a shell loop would (each call loads the models);
 - ``generate_file``: one ``sd35 generate`` over a prompts .txt (models loaded once; one process, in order);
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--variants", default="generate_loop,generate_file,ray")
     args = parser.parse_args(argv)
 
-    from sd35_core.tiny import write_tiny_model_set
+    from sd35_core.loading.tiny import write_tiny_model_set
 
     tmp = tempfile.mkdtemp(prefix="bench_batch_ray_")
     models = write_tiny_model_set(os.path.join(tmp, "models"))
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
             record(f"ray_w{n}", seconds, median_render_s=round(statistics.median(render), 3))
     shutil.rmtree(tmp, ignore_errors=True)
     return {"bench": "batch_ray", "rows": args.rows, "size": args.size, "steps": args.steps,
-            "model": "tiny sd3.5_medium (sd35_core.tiny)", "cpus": os.cpu_count(), "platform": platform.platform(),
+            "model": "tiny sd3.5_medium (sd35_core.loading.tiny)", "cpus": os.cpu_count(), "platform": platform.platform(),
             "results": results}
 
 

@@ -33,10 +33,10 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from sd35_core.guidance import CondEntry, GuidanceStats  # noqa: E402
-from sd35_core.loader import load_checkpoint  # noqa: E402
-from sd35_core.pipeline import txt2img  # noqa: E402
-from sd35_core.request import SampleRequest, SkipLayerGuidance  # noqa: E402
+from sd35_core.loading.loader import load_checkpoint  # noqa: E402
+from sd35_core.sampling.guidance import CondEntry, GuidanceStats  # noqa: E402
+from sd35_core.sampling.pipeline import txt2img  # noqa: E402
+from sd35_core.sampling.request import SampleRequest, SkipLayerGuidance  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -96,7 +96,7 @@ def _conditioning(config, seed: int) -> tuple[CondEntry, CondEntry]:
 def _load(args, tmp: str):
     path = args.checkpoint
     if path is None:
-        from sd35_core.tiny import write_checkpoint
+        from sd35_core.loading.tiny import write_checkpoint
 
         path = write_checkpoint(os.path.join(tmp, "tiny-sd3.5_medium.safetensors"), "sd3.5_medium", seed=0)
     parts = load_checkpoint(path, "fp32", "cpu")

@@ -110,8 +110,8 @@ def _device_mb(device: torch.device) -> tuple[float, float] | None:
 
 def worker(spec: dict) -> dict:
     """One storage in this (fresh) process: load its file, call once, time ``repeats`` calls, track memory."""
-    from sd35_core import ops
-    from sd35_core.loader import load_checkpoint
+    from sd35_core.loading.loader import load_checkpoint
+    from sd35_core.models import ops
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
@@ -191,7 +191,7 @@ def _run_worker(spec: dict) -> dict:
 def write_files(directory: str, config, storages) -> dict[str, str]:
     """The seeded bench model as fp32 safetensors (for fp32/fp16/fp8 storage) and as one GGUF per quant type."""
     from bench.gguf_write import write_gguf
-    from sd35_core.tiny import save_state
+    from sd35_core.loading.tiny import save_state
 
     state = build_ours(config, "float32").state_dict()
     paths = {"safetensors": save_state(os.path.join(directory, "model.safetensors"), {"": state})}

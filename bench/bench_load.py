@@ -15,7 +15,7 @@ and ``load_cpu_s`` the CPU time the process spent in it (user + system, all thre
 sensitive than wall time to a busy machine); ``touch_s`` is the time to then read one element of every 4 KiB
 page of every weight, which pages in weights that are memory-mapped rather than copied, and ``ready_s`` their
 sum, the honest figure to compare (a zero-copy load defers reading the file to the first use). Ours is
-``sd35_core.loader.load_checkpoint`` (diffusion model and VAE), ComfyUI's is
+``sd35_core.loading.loader.load_checkpoint`` (diffusion model and VAE), ComfyUI's is
 ``comfy.sd.load_checkpoint_guess_config`` with its VAE and without text encoders (the file has none), on
 the CPU. Memory-mapped file pages count in RSS while they are touched, for both.
 """
@@ -88,7 +88,7 @@ def _worker(spec: dict) -> dict:
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[spec["dtype"]]
     if spec["impl"] == "ours":
         sys.path.insert(0, ROOT)
-        from sd35_core.loader import load_checkpoint
+        from sd35_core.loading.loader import load_checkpoint
 
         import_rss = _rss_mb()
         t0, c0 = time.perf_counter(), _cpu_s()

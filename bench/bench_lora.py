@@ -32,8 +32,8 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from bench.bench_model import _rss_mb, build_ours, inputs, model_config  # noqa: E402
-from sd35_core.lora import applied, load_lora  # noqa: E402
-from sd35_core.tiny import kohya_lora_tensors  # noqa: E402
+from sd35_core.loading.lora import applied, load_lora  # noqa: E402
+from sd35_core.loading.tiny import kohya_lora_tensors  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

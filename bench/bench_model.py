@@ -39,10 +39,10 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from bench.diffusers_convert import MissingBaseline, diffusers_class, diffusers_model, to_diffusers  # noqa: E402
-from sd35_core import ops  # noqa: E402
-from sd35_core.checkpoint import DTypePolicy  # noqa: E402
-from sd35_core.mmditx import MMDiTConfig, MMDiTX  # noqa: E402
-from sd35_core.tiny import randomize_, sincos_pos_embed  # noqa: E402
+from sd35_core.loading.checkpoint import DTypePolicy  # noqa: E402
+from sd35_core.loading.tiny import randomize_, sincos_pos_embed  # noqa: E402
+from sd35_core.models import ops  # noqa: E402
+from sd35_core.models.mmditx import MMDiTConfig, MMDiTX  # noqa: E402
 
 # bench name -> DTypePolicy name (storage dtype, compute dtype)
 DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "fp8": "fp8_e4m3fn"}

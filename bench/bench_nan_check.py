@@ -1,8 +1,8 @@
 """What a load-time NaN check would cost next to the load itself, on a real-size checkpoint.
 
 ``python bench/bench_nan_check.py CHECKPOINT.safetensors [--dtype fp16] [--sample 4096]`` loads the file with
-``sd35_core.loader.load_checkpoint`` (fp16/bf16 storage keeps the tensors zero-copy views of the mapped file), then
-times :func:`sd35_core.numerics.has_non_finite` over the first ``--sample`` values of every floating-point tensor
+``sd35_core.loading.loader.load_checkpoint`` (fp16/bf16 storage keeps the tensors zero-copy views of the mapped file), then
+times :func:`sd35_core.models.numerics.has_non_finite` over the first ``--sample`` values of every floating-point tensor
 of the diffusion model and VAE, and over all of them. Prints one JSON object; write a real-size file with
 ``bench/real_size.py``. The sampling loop's per-step check is what catches NaN weights; a load-time check would be
 added only if it cost under 1 % of the load.
@@ -22,8 +22,8 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from sd35_core.loader import load_checkpoint  # noqa: E402
-from sd35_core.numerics import has_non_finite  # noqa: E402
+from sd35_core.loading.loader import load_checkpoint  # noqa: E402
+from sd35_core.models.numerics import has_non_finite  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,10 +27,10 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from sd35_core.guidance import CondEntry, Guider  # noqa: E402
-from sd35_core.mmditx import MMDiTConfig, MMDiTX  # noqa: E402
-from sd35_core.request import SampleRequest, SkipLayerGuidance  # noqa: E402
-from sd35_core.tiny import randomize_, sincos_pos_embed  # noqa: E402
+from sd35_core.loading.tiny import randomize_, sincos_pos_embed  # noqa: E402
+from sd35_core.models.mmditx import MMDiTConfig, MMDiTX  # noqa: E402
+from sd35_core.sampling.guidance import CondEntry, Guider  # noqa: E402
+from sd35_core.sampling.request import SampleRequest, SkipLayerGuidance  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

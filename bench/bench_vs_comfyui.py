@@ -6,7 +6,7 @@ Run from the repository root (``sd35 bench --vs-comfyui`` runs the same)::
 
 A checkpoint in the official single-file layout (``model.diffusion_model.``, fp16, random seeded weights) is
 written once to a temporary folder; ComfyUI loads it with its own ``load_checkpoint_guess_config`` (its
-native MMDiT), we load it with ``sd35_core.loader.load_checkpoint``. Both get the same latent, sigma and
+native MMDiT), we load it with ``sd35_core.loading.loader.load_checkpoint``. Both get the same latent, sigma and
 conditioning and take one CFG step: cond and uncond batched, ``uncond + (cond - uncond) * cfg``; with
 ``--slg`` also the skip-layer pass (ComfyUI's ``SkipLayerGuidanceDiT`` node, active over the whole
 schedule; ours the Guider's SLG, sigma window, same layers and scale). ComfyUI's step is its sampler's model
@@ -158,15 +158,15 @@ def _time_calls(step, spec: dict) -> tuple[list[float], float, object]:
 def _ours(spec: dict) -> tuple[list[float], float, object, dict]:
     import torch
 
-    from sd35_core.guidance import CondEntry, Guider
-    from sd35_core.loader import load_checkpoint
-    from sd35_core.request import SampleRequest, SkipLayerGuidance
+    from sd35_core.loading.loader import load_checkpoint
+    from sd35_core.sampling.guidance import CondEntry, Guider
+    from sd35_core.sampling.request import SampleRequest, SkipLayerGuidance
 
     parts = load_checkpoint(spec["checkpoint"], DTYPES[spec["dtype"]], spec["device"])
     model = parts.model.mmdit
     options = {"compile": spec["compile"], "share_slg_prefix": True}
     if spec["compile"]:
-        from sd35_core.compile import compile_model
+        from sd35_core.models.compile import compile_model
 
         model = compile_model(model)
         options["compiled"] = getattr(model, "is_compiled", False)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from sd35_core.mmditx import MMDiTConfig
+from sd35_core.models.mmditx import MMDiTConfig
 
 
 class MissingBaseline(RuntimeError):

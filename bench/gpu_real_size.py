@@ -81,10 +81,10 @@ def _state(spec: dict, device: str):
     """The seeded weights in the official key layout, drawn on ``device`` in their storage dtype."""
     import torch
 
-    from sd35_core import ops
-    from sd35_core.checkpoint import DTypePolicy
-    from sd35_core.mmditx import MMDiTX
-    from sd35_core.tiny import sincos_pos_embed
+    from sd35_core.loading.checkpoint import DTypePolicy
+    from sd35_core.loading.tiny import sincos_pos_embed
+    from sd35_core.models import ops
+    from sd35_core.models.mmditx import MMDiTX
 
     config = _config(spec)
     policy = DTypePolicy.named(STORAGES[spec["storage"]], device)
@@ -119,9 +119,9 @@ def _inputs(spec: dict, config, device: str):
 def _ours(spec: dict, device: str):
     import torch
 
-    from sd35_core.guidance import CondEntry, Guider
-    from sd35_core.mmditx import MMDiTX
-    from sd35_core.request import SampleRequest
+    from sd35_core.models.mmditx import MMDiTX
+    from sd35_core.sampling.guidance import CondEntry, Guider
+    from sd35_core.sampling.request import SampleRequest
 
     config, policy, state = _state(spec, device)
     with torch.device("meta"):
@@ -131,7 +131,7 @@ def _ours(spec: dict, device: str):
     model.compute_dtype = policy.compute
     del state
     if spec["impl"] == "ours_compiled":
-        from sd35_core.compile import compile_model
+        from sd35_core.models.compile import compile_model
 
         compile_model(model)
     noise, cond, uncond = _inputs(spec, config, device)
@@ -221,7 +221,7 @@ def _worker(spec: dict) -> dict:
                 step, model = _ours(spec, device)
                 result = _timed(step, spec, device)
                 if spec["impl"] == "ours_compiled":
-                    from sd35_core.compile import compiled_ok
+                    from sd35_core.models.compile import compiled_ok
 
                     result["compiled_ok"] = compiled_ok(model)
     except torch.OutOfMemoryError as e:

@@ -2,7 +2,7 @@
 
 Benchmarks of loading and of full-size steps need files with the released shapes, not the weights: the
 released files are gated downloads and speed does not depend on the values. The configs below are what
-:meth:`sd35_core.mmditx.MMDiTConfig.from_shapes` reads from the official ``sd3.5_medium.safetensors`` and
+:meth:`sd35_core.models.mmditx.MMDiTConfig.from_shapes` reads from the official ``sd3.5_medium.safetensors`` and
 ``sd3.5_large.safetensors`` (hidden 1536 / 24 blocks / attn2 in 0..12, and hidden 2432 / 38 blocks).
 
 ``python bench/real_size.py OUT.safetensors [--variant sd3.5_medium] [--dtype float16]`` writes one file:
@@ -26,9 +26,9 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from sd35_core.mmditx import MMDiTConfig, MMDiTX  # noqa: E402
-from sd35_core.tiny import _is_norm_weight, sincos_pos_embed  # noqa: E402
-from sd35_core.vae import VAE, VAEConfig  # noqa: E402
+from sd35_core.loading.tiny import _is_norm_weight, sincos_pos_embed  # noqa: E402
+from sd35_core.models.mmditx import MMDiTConfig, MMDiTX  # noqa: E402
+from sd35_core.models.vae import VAE, VAEConfig  # noqa: E402
 
 RELEASED = {
     "sd3.5_medium": MMDiTConfig(
@@ -62,7 +62,7 @@ def scaled_config(variant: str, hidden: int | None = None, depth: int | None = N
 
 
 def random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
-    """One seeded tensor scaled as :func:`sd35_core.tiny.randomize_` scales it, drawn in fp32, cast once."""
+    """One seeded tensor scaled as :func:`sd35_core.loading.tiny.randomize_` scales it, drawn in fp32, cast once."""
     if len(shape) >= 2:
         t = torch.randn(shape, generator=gen).div_(math.sqrt(math.prod(shape[1:])))
     elif _is_norm_weight(name):

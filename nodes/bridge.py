@@ -9,7 +9,7 @@ comfy_bridge.py). Text encoders stay on the pack's side: CONDITIONING is their b
 
 from __future__ import annotations
 
-from ..sd35_core.defaults import defaults_for
+from ..sd35_core.sampling.defaults import defaults_for
 from . import host
 from .objects import SD35VAE, SD35Model, require_type
 

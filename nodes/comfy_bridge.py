@@ -30,9 +30,9 @@ import comfy.supported_models
 import comfy.weight_adapter
 import torch
 
-from ..sd35_core.latent import SD3_PREVIEW, LatentPreview
-from ..sd35_core.lora.apply import collect, patched_weight
-from ..sd35_core.mmditx import MMDiTConfig, MMDiTX
+from ..sd35_core.loading.lora.apply import collect, patched_weight
+from ..sd35_core.models.latent import SD3_PREVIEW, LatentPreview
+from ..sd35_core.models.mmditx import MMDiTConfig, MMDiTX
 from . import host
 from .comfy_model import ComfyMMDiT, NativePasses, ViewRefusal, comfy_unet_config, mmdit_view, shapes_of
 
@@ -109,7 +109,7 @@ class SD35LoraPatch(comfy.weight_adapter.WeightAdapterBase):
     """Our LoRA stack's entries for one weight, as a ComfyUI weight patch.
 
     ComfyUI applies it when it loads the MODEL (and takes it back as any of its patches) with our own
-    arithmetic (``sd35_core.lora.apply.patched_weight``: float32, then ComfyUI rounds to the storage dtype,
+    arithmetic (``sd35_core.loading.lora.apply.patched_weight``: float32, then ComfyUI rounds to the storage dtype,
     as our merge does), so SD3.5 LoRA Loader's LoRAs reach ComfyUI's samplers unchanged.
     """
 

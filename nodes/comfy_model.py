@@ -6,7 +6,7 @@ Both directions rest on one fact: our module names are the official checkpoint k
   parameters, buffers and sub-modules (the very same dicts, so ``state_dict()`` reads
   ``joint_blocks.0.x_block.attn.qkv.weight`` and a ComfyUI weight patch or device move acts on our module)
   and has ComfyUI's signature ``forward(x, timesteps, context, y, control, transformer_options)``.
-- :func:`mmdit_view` builds an :class:`~..sd35_core.mmditx.MMDiTX` whose parameters *are* a foreign module's
+- :func:`mmdit_view` builds an :class:`~..sd35_core.models.mmditx.MMDiTX` whose parameters *are* a foreign module's
   tensors (ComfyUI's own SD3 model after its patches are applied), or says why it cannot.
 - :class:`NativePasses` runs a foreign SD3 diffusion model whole, one pass per call, for what the view
   cannot express (block patches, quantised weight types): the plain computation, never a wrong one.
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..sd35_core.checkpoint import CheckpointError
-from ..sd35_core.mmditx import HEAD_DIM, MMDiTConfig, MMDiTX
+from ..sd35_core.errors import CheckpointError
+from ..sd35_core.models.mmditx import HEAD_DIM, MMDiTConfig, MMDiTX
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""ComfyUI ``CONDITIONING`` <-> sd35_core :class:`~sd35_core.guidance.CondEntry`.
+"""ComfyUI ``CONDITIONING`` <-> sd35_core :class:`~sd35_core.sampling.guidance.CondEntry`.
 
 A ``CONDITIONING`` is ComfyUI's list of ``[context, options]`` pairs. The options this pack reads are the
 ones ComfyUI's own nodes write: ``pooled_output`` (SD3 text encoding), ``strength``, and
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..sd35_core.guidance import CondEntry
+from ..sd35_core.sampling.guidance import CondEntry
 from .objects import SD35VAE, SD35ControlNet
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class ControlSpec:
     end: float
     control_type: str  # "auto" (from the file), "canny", "blur" or "depth"
     invert: bool | str  # depth maps: False, True or "auto"
-    resize_mode: str = "crop"  # another aspect ratio than the generation: crop, stretch or pad (sd35_core.fit)
+    resize_mode: str = "crop"  # another aspect ratio than the generation: crop, stretch or pad (sd35_core.image.fit)
 
 
 def make_conditioning(context: torch.Tensor, pooled: torch.Tensor) -> list:

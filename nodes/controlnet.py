@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ..sd35_core import preprocess
-from ..sd35_core.controlnet import CONTROL_TYPES
-from ..sd35_core.fit import DEFAULT_RESIZE_MODE, RESIZE_MODES
+from ..sd35_core.image import preprocess
+from ..sd35_core.image.fit import DEFAULT_RESIZE_MODE, RESIZE_MODES
+from ..sd35_core.models.controlnet import CONTROL_TYPES
 from .conditioning import ControlSpec, attach_control
 from .latent_vae import NO_VAE
 from .model_input import VAE_TYPES, vae_input

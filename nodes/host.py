@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from ..sd35_core.latent import SD3_PREVIEW, LatentPreview, latent_to_rgb_preview
+from ..sd35_core.models.latent import SD3_PREVIEW, LatentPreview, latent_to_rgb_preview
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import logging
 
 import torch
 
-from ..sd35_core.mask import prepare_inpaint
-from ..sd35_core.vae import image_to_vae_input, vae_output_to_image
+from ..sd35_core.models.vae import image_to_vae_input, vae_output_to_image
+from ..sd35_core.sampling.mask import prepare_inpaint
 from . import host
 from .model_input import MODEL_TYPES, diffusion_input
 from .objects import SD35VAE, require, require_type

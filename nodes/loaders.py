@@ -20,10 +20,7 @@ from collections.abc import Callable, Hashable
 
 import torch
 
-from ..sd35_core.bundled import tiny_shapes_checkpoint, tiny_shapes_controlnet
-from ..sd35_core.compile import compile_model
-from ..sd35_core.defaults import defaults_for
-from ..sd35_core.loader import (
+from ..sd35_core.loading.loader import (
     DiffusionModel,
     TextEncoders,
     load_checkpoint,
@@ -31,7 +28,10 @@ from ..sd35_core.loader import (
     load_text_encoders,
     load_vae,
 )
-from ..sd35_core.text_roles import role_default
+from ..sd35_core.loading.text_roles import role_default
+from ..sd35_core.models.compile import compile_model
+from ..sd35_core.sampling.defaults import defaults_for
+from ..sd35_train.bundled import tiny_shapes_checkpoint, tiny_shapes_controlnet
 from . import host
 from .bridge import CLIP_NOTE
 from .model_input import MODEL_TYPES, diffusion_input

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import replace
 
-from ..sd35_core.lora import LoraFile, applied, load_lora, read_lora
+from ..sd35_core.loading.lora import LoraFile, applied, load_lora, read_lora
 from . import host
 from .loaders import LoadCache, _mtime_token, file_key
 from .objects import SD35Clip, SD35Model, require_type

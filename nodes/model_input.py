@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..sd35_core.defaults import defaults_for
-from ..sd35_core.mmditx import MMDiTX
+from ..sd35_core.models.mmditx import MMDiTX
+from ..sd35_core.sampling.defaults import defaults_for
 from . import host
 from .objects import SD35VAE, SD35Model, require_type
 

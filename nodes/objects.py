@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..sd35_core.controlnet import ControlNet
-from ..sd35_core.latent import LatentPreview
-from ..sd35_core.loader import DiffusionModel
-from ..sd35_core.lora import LoraPatches
-from ..sd35_core.vae import VAE
+from ..sd35_core.loading.loader import DiffusionModel
+from ..sd35_core.loading.lora import LoraPatches
+from ..sd35_core.models.controlnet import ControlNet
+from ..sd35_core.models.latent import LatentPreview
+from ..sd35_core.models.vae import VAE
 from . import host
 
 

@@ -1,7 +1,7 @@
 """HTTP routes the pack adds to ComfyUI's server, for the frontend extension (``js/sd35.js``).
 
 ``GET /sd35/defaults`` (ComfyUI also serves it as ``/api/sd35/defaults``) returns the recommended settings
-table, :func:`sd35_core.defaults.defaults_json`, so the browser never keeps a copy of its own.
+table, :func:`sd35_core.sampling.defaults.defaults_json`, so the browser never keeps a copy of its own.
 
 The server's route table comes from :func:`host.server_routes` (``host.py`` is the only door to ComfyUI);
 outside ComfyUI there is none and :func:`register_routes` does nothing.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from ..sd35_core.defaults import defaults_json
+from ..sd35_core.sampling.defaults import defaults_json
 from . import host
 
 log = logging.getLogger(__name__)

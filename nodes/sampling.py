@@ -9,14 +9,17 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from ..sd35_core import pipeline
-from ..sd35_core.controlnet import ControlHint, check_controlnet_fits, prepare_control_image
-from ..sd35_core.guidance import CondEntry
-from ..sd35_core.latent import process_in
-from ..sd35_core.mask import MASK_MODES, latent_mask
-from ..sd35_core.request import MAX_SEED, SEED_MODES, SLG_WINDOWS, SampleRequest, SkipLayerGuidance
-from ..sd35_core.samplers import SAMPLERS
-from ..sd35_core.schedule import SCHEDULES
+from ..sd35_core.image.control_image import prepare_control_image
+from ..sd35_core.models.controlnet import check_controlnet_fits
+from ..sd35_core.models.latent import process_in
+from ..sd35_core.sampling import pipeline
+from ..sd35_core.sampling.control import ControlHint
+from ..sd35_core.sampling.guidance import CondEntry
+from ..sd35_core.sampling.mask import MASK_MODES, latent_mask
+from ..sd35_core.sampling.request import SEED_MODES, SLG_WINDOWS, SampleRequest, SkipLayerGuidance
+from ..sd35_core.sampling.samplers import SAMPLERS
+from ..sd35_core.sampling.schedule import SCHEDULES
+from ..sd35_core.validation import MAX_SEED
 from . import host
 from .conditioning import ControlSpec, to_entries
 from .lora import lora_context

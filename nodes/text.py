@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..sd35_core.text_encoder import SD3TextEncoder
-from ..sd35_core.tokenization import T5_MAX_LENGTH, T5_MIN_LENGTH, SD3Tokenizer, find_tokenizer_files
+from ..sd35_core.text.encoder import SD3TextEncoder
+from ..sd35_core.text.tokenization import T5_MAX_LENGTH, T5_MIN_LENGTH, SD3Tokenizer, find_tokenizer_files
 from . import host
 from .conditioning import make_conditioning
 from .lora import lora_context

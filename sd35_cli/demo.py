@@ -138,7 +138,7 @@ def _postfix(outputs: str) -> str:
 
 def _run_demo(out: str, *, steps: int | None, seed: int, device: str | None, log: TextIO | None,
               verbose: bool) -> dict[str, Any]:
-    from sd35_core.bundled import tiny_shapes_checkpoint, tiny_shapes_controlnet
+    from sd35_train.bundled import tiny_shapes_checkpoint, tiny_shapes_controlnet
 
     log = log if log is not None else sys.stderr
     t0 = time.perf_counter()

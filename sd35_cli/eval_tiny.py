@@ -14,7 +14,7 @@ import time
 
 HELP = "score the bundled tiny shapes model: accuracy per attribute at several settings (JSON)"
 DESCRIPTION = __doc__ + """
-Rows: the recommended settings (sd35_core.defaults, row tiny_shapes_sd35), the same at cfg 1, with skip-layer
+Rows: the recommended settings (sd35_core.sampling.defaults, row tiny_shapes_sd35), the same at cfg 1, with skip-layer
 guidance, and euler / dpmpp_2m at --steps_list step counts. Images and noise seeds are not the training set's.
 """
 
@@ -38,7 +38,7 @@ def settings_rows(steps_list: list[int], rows: str = "all") -> list:
     """The evaluator's settings, built from the recommended defaults of the tiny model."""
     from dataclasses import replace
 
-    from sd35_core.defaults import defaults_for
+    from sd35_core.sampling.defaults import defaults_for
     from sd35_train.evaluate import EvalSetting
 
     d = defaults_for(MODEL_ROW)
@@ -59,10 +59,10 @@ def run(args: argparse.Namespace) -> int:
     """``sd35 eval-tiny``."""
     import torch
 
-    from sd35_core.bundled import tiny_shapes_checkpoint
-    from sd35_core.loader import load_checkpoint
-    from sd35_core.text_encoder import SD3TextEncoder
-    from sd35_core.tokenization import SD3Tokenizer, find_tokenizer_files
+    from sd35_core.loading.loader import load_checkpoint
+    from sd35_core.text.encoder import SD3TextEncoder
+    from sd35_core.text.tokenization import SD3Tokenizer, find_tokenizer_files
+    from sd35_train.bundled import tiny_shapes_checkpoint
     from sd35_train.evaluate import EVAL_SPLIT, NOISE_SEED, evaluate
 
     if args.prompts < 1:

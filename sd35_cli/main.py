@@ -123,8 +123,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         UsageError, ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
         FileExistsError,
     ]
-    # A damaged checkpoint or an fp16 overflow (sd35_core.numerics) names the step and what to try.
-    from sd35_core.numerics import NonFiniteError
+    # A damaged checkpoint or an fp16 overflow (sd35_core.models.numerics) names the step and what to try.
+    from sd35_core.errors import NonFiniteError
 
     errors.append(NonFiniteError)
     try:

@@ -3,8 +3,8 @@
 It takes the reference's path for ControlNets of the smaller models (its own patch embedding of the noisy
 latent, the diffusion model's embedded pooled vector); the 8b path belongs to SD3.5 Large.
 
-Control latents are made exactly as at inference: canny edges (:func:`sd35_core.preprocess.canny`), the
-reference's canny scaling (:func:`sd35_core.controlnet.prepare_control_image`), the VAE mean, the SD3
+Control latents are made exactly as at inference: canny edges (:func:`sd35_core.image.preprocess.canny`), the
+reference's canny scaling (:func:`sd35_core.image.control_image.prepare_control_image`), the VAE mean, the SD3
 latent format. The ControlNet's output heads start at zero, so training starts from the base model.
 """
 
@@ -15,18 +15,14 @@ import os
 
 import torch
 
-from sd35_core.controlnet import (
-    ControlNet,
-    ControlNetConfig,
-    controlnet_residuals,
-    expand_residuals,
-    prepare_control_image,
-)
-from sd35_core.latent import process_in
-from sd35_core.mmditx import MMDiTX
-from sd35_core.preprocess import canny
-from sd35_core.tiny import randomize_
-from sd35_core.vae import VAE
+from sd35_core.image.control_image import prepare_control_image
+from sd35_core.image.preprocess import canny
+from sd35_core.loading.tiny import randomize_
+from sd35_core.models.controlnet import ControlNet, ControlNetConfig
+from sd35_core.models.latent import process_in
+from sd35_core.models.mmditx import MMDiTX
+from sd35_core.models.vae import VAE
+from sd35_core.sampling.control import controlnet_residuals, expand_residuals
 
 from .config import RecipeConfig
 from .flow import FlowData, flow_batch, flow_loss, run_steps, zero_init_modulations

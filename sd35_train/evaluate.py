@@ -2,7 +2,7 @@
 
 Prompts are samples of a split seed the training never drew from (:data:`EVAL_SPLIT`), written with the
 caption template; each image gets its own noise seed. Every image goes through the standard path (loader,
-SD3 text encoder, :func:`sd35_core.pipeline.txt2img`, VAE decode) and is read back by
+SD3 text encoder, :func:`sd35_core.sampling.pipeline.txt2img`, VAE decode) and is read back by
 :func:`~.analysis.read_image`; a setting's score is the share of images whose colour, shape, position and
 background match the prompt (``all``: every attribute of an image right).
 """
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sd35_core.guidance import CondEntry
-from sd35_core.pipeline import txt2img
-from sd35_core.request import SampleRequest, SkipLayerGuidance
+from sd35_core.sampling.guidance import CondEntry
+from sd35_core.sampling.pipeline import txt2img
+from sd35_core.sampling.request import SampleRequest, SkipLayerGuidance
 
 from .analysis import read_image
 from .data import IMAGE_SIZE, ShapeSpec, spec_for

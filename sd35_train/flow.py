@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sd35_core.mmditx import LATENT_DOWNSCALE, MMDiTConfig, MMDiTX
-from sd35_core.tiny import randomize_, sincos_pos_embed
+from sd35_core.loading.tiny import randomize_, sincos_pos_embed
+from sd35_core.models.mmditx import LATENT_DOWNSCALE, MMDiTConfig, MMDiTX
 
 from .config import RecipeConfig
 from .state import TrainState, cosine_lr, make_state

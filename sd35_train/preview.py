@@ -2,7 +2,7 @@
 
 SD3's preview factors describe SD3's VAE; a VAE trained from scratch spreads colour over its channels its own
 way, so its map is fitted on the training pictures and shipped in the checkpoint's metadata
-(:class:`sd35_core.latent.LatentPreview`), and ComfyUI's live previews show the shape being drawn.
+(:class:`sd35_core.models.latent.LatentPreview`), and ComfyUI's live previews show the shape being drawn.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sd35_core.latent import LatentPreview
+from sd35_core.models.latent import LatentPreview
 
 DECIMALS = 4  # stored rounded: a different BLAS would change the last bits of the fit, not these
 

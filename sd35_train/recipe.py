@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from sd35_core.bundled import CHECKPOINT_NAME, CONTROLNET_NAME
-from sd35_core.controlnet import CONTROL_TYPES, SAVE_KEY_MAP
-from sd35_core.latent import PACK_METADATA_KEY, process_in
-from sd35_core.tiny import save_state
+from sd35_core.loading.tiny import save_state
+from sd35_core.models.controlnet import CONTROL_TYPES, SAVE_KEY_MAP
+from sd35_core.models.latent import PACK_METADATA_KEY, process_in
+from sd35_train.bundled import CHECKPOINT_NAME, CONTROLNET_NAME
 
 from .config import RecipeConfig
 from .controlnet_train import control_latents, train_controlnet

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from sd35_core.clip import CLIPConfig, CLIPTextModel
-from sd35_core.t5 import T5Config, T5Encoder
-from sd35_core.text_encoder import SD3TextEncoder
-from sd35_core.tiny import randomize_
-from sd35_core.tokenization import SD3Tokenizer
+from sd35_core.loading.tiny import randomize_
+from sd35_core.models.clip import CLIPConfig, CLIPTextModel
+from sd35_core.models.t5 import T5Config, T5Encoder
+from sd35_core.text.encoder import SD3TextEncoder
+from sd35_core.text.tokenization import SD3Tokenizer
 
 from .data import all_captions
 

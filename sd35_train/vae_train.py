@@ -12,9 +12,9 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from sd35_core.latent import SD3_LATENT_SCALE
-from sd35_core.tiny import randomize_
-from sd35_core.vae import VAE, VAEConfig
+from sd35_core.loading.tiny import randomize_
+from sd35_core.models.latent import SD3_LATENT_SCALE
+from sd35_core.models.vae import VAE, VAEConfig
 
 from .config import RecipeConfig
 from .state import TrainState, cosine_lr, make_state

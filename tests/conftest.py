@@ -20,7 +20,7 @@ IMAGES = os.path.join(SHARED, "images")
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """A tiny model set in the official layouts (ComfyUI folder names), written once per test session."""
-    from sd35_core.tiny import write_tiny_model_set
+    from sd35_core.loading.tiny import write_tiny_model_set
 
     return write_tiny_model_set(tmp_path_factory.mktemp("models"))
 

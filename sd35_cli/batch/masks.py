@@ -2,7 +2,7 @@
 
 ComfyUI's loaders read masks in different ways: ``LoadImage`` gives ``1 - alpha`` (what its mask editor paints),
 ``LoadImageMask`` one chosen channel. A row's mask file follows the pack's rule (an image with transparency:
-``1 - alpha``; otherwise its grey levels, white = repaint; see ``sd35_core.mask``). The client uploads it as an
+``1 - alpha``; otherwise its grey levels, white = repaint; see ``sd35_core.sampling.mask``). The client uploads it as an
 RGBA PNG whose grey levels are the mask and whose alpha is ``1 - mask``, so every loader and channel choice reads
 the same mask. When the loader that gives the mask also gives the picture (the usual ``LoadImage`` with a
 painted mask), the upload is the row's ``init_image`` with the mask as its alpha instead, the mask resized to the
@@ -49,7 +49,7 @@ def _to_8bit(values):
 
 def mask_png(mask_path: str) -> bytes:
     """The mask file as RGBA PNG bytes: grey levels = mask, alpha = 1 - mask (ValueError for a bad file)."""
-    from sd35_core.mask import load_mask
+    from sd35_core.sampling.mask import load_mask
 
     mask = _to_8bit(load_mask(mask_path)[0].numpy())
     return _png(mask[..., None].repeat(3, axis=-1), 255 - mask)
@@ -61,7 +61,7 @@ def image_with_mask_png(image_path: str, mask_path: str) -> bytes:
     import torch.nn.functional as F
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    from sd35_core.mask import load_mask
+    from sd35_core.sampling.mask import load_mask
 
     try:
         with Image.open(image_path) as img:

@@ -61,7 +61,7 @@ def seeds_for(seed: int, seed_type: str, count: int, rand: Callable[[], int] | N
 def native_size(opts: GenerateOptions, model_row: str, say: Callable[[str], None]) -> GenerateOptions:
     """The model's own image size instead of the reference's 1024 x 1024 default, for a model whose row has
     one (the bundled 64 px toy model, which cannot draw 1024 px at all); any other size is kept."""
-    from sd35_core.defaults import DEFAULTS
+    from sd35_core.sampling.defaults import DEFAULTS
 
     size = DEFAULTS[model_row].size
     if size is None or (opts.width, opts.height) != (REF_SIZE, REF_SIZE):
@@ -76,7 +76,7 @@ def _loaded_settings(opts: GenerateOptions, loaded: LoadedModels, say: Callable[
     cn_type = control_type_of(loaded, opts) if loaded.controlnet is not None else None
     model_row, cn_row = defaults_entry(opts.model, model.variant, opts.controlnet_ckpt, cn_type)
     if opts.skip_layer_cfg and not slg_requested(opts):
-        from sd35_core.defaults import DEFAULTS
+        from sd35_core.sampling.defaults import DEFAULTS
 
         if DEFAULTS[model_row].slg is None:
             say(f"note: --skip_layer_cfg: {DEFAULTS[model_row].label} has no recommended skip-layer guidance, so "
@@ -90,8 +90,8 @@ def _loaded_settings(opts: GenerateOptions, loaded: LoadedModels, say: Callable[
 
 def encode_prompt(loaded: LoadedModels, text: str):
     """The conditioning (``CondEntry``) of one prompt, with the run's ``--lora`` merged into the text encoders."""
-    from sd35_core.guidance import CondEntry
-    from sd35_core.lora import applied
+    from sd35_core.loading.lora import applied
+    from sd35_core.sampling.guidance import CondEntry
 
     with applied(loaded.text_modules, loaded.text_loras, backup_device="cpu"):  # merged for the call, then undone
         context, pooled = loaded.text.encode(text)
@@ -111,7 +111,7 @@ def noise_mask_of(opts: GenerateOptions, say: Callable[[str], None]) -> torch.Te
 def build_request(opts: GenerateOptions, settings: Settings, init: torch.Tensor | None, controls: list,
                   noise_mask: torch.Tensor | None, seed: int):
     """The ``SampleRequest`` of one image: the resolved settings, ``--denoise`` when starting from an image."""
-    from sd35_core.request import SampleRequest
+    from sd35_core.sampling.request import SampleRequest
 
     return SampleRequest(steps=settings.steps, cfg=settings.cfg, sampler=settings.sampler, shift=settings.shift,
                          seed=seed, denoise=opts.denoise if init is not None else 1.0, slg=settings.slg,
@@ -122,8 +122,8 @@ def build_request(opts: GenerateOptions, settings: Settings, init: torch.Tensor 
 def sample_latent(loaded: LoadedModels, opts: GenerateOptions, request, positive, negative,
                   init: torch.Tensor | None, callback: Callable | None = None, stats=None) -> torch.Tensor:
     """Sample one image's latent (raw VAE space, CPU float32): text-to-image, or image-to-image from ``init``."""
-    from sd35_core.lora import applied
-    from sd35_core.pipeline import img2img, txt2img
+    from sd35_core.loading.lora import applied
+    from sd35_core.sampling.pipeline import img2img, txt2img
 
     model = loaded.model
     with applied(model.mmdit, loaded.model_loras, backup_device="cpu"):  # backups off the GPU
@@ -166,7 +166,7 @@ def generate(opts: GenerateOptions, *, log: TextIO | None = None, now: datetime.
     Progress and messages go to ``log`` (default stderr); ``quiet`` keeps only the progress bar and notes.
     ``loaded`` reuses models loaded by :func:`load_models` with the same options.
     """
-    from sd35_core.guidance import GuidanceStats
+    from sd35_core.sampling.guidance import GuidanceStats
 
     log = log if log is not None else sys.stderr
     t_start = time.perf_counter()

@@ -17,11 +17,11 @@ def load_image_resized(path: str, width: int, height: int, mode: str = "stretch"
                        say: Callable[[str], None] = lambda s: None, what: str = "image") -> Image.Image:
     """Open ``path`` and fit it to ``width`` x ``height`` with LANCZOS, then RGB (the reference's order).
 
-    ``mode`` (:mod:`sd35_core.fit`) says what happens to another aspect ratio: ``stretch`` as the reference,
+    ``mode`` (:mod:`sd35_core.image.fit`) says what happens to another aspect ratio: ``stretch`` as the reference,
     ``crop`` the middle first, ``pad`` with black; a note to ``say`` tells what was done. At the output's
     aspect ratio every mode is the reference's plain resize, bit for bit.
     """
-    from sd35_core.fit import fit_image
+    from sd35_core.image.fit import fit_image
 
     with Image.open(path) as img:
         img.load()
@@ -67,8 +67,8 @@ def load_noise_mask(path: str, width: int, height: int, grow: int, mode: str = "
     """
     import torch.nn.functional as F
 
-    from sd35_core.fit import fit_image
-    from sd35_core.mask import grow_mask, load_mask
+    from sd35_core.image.fit import fit_image
+    from sd35_core.sampling.mask import grow_mask, load_mask
 
     from ..main import UsageError
 
@@ -102,8 +102,8 @@ def control_image(
     loaded: LoadedModels, opts: GenerateOptions, width: int, height: int, say: Callable[[str], None] = lambda s: None
 ) -> tuple[torch.Tensor, Image.Image]:
     """The control image as the VAE input ``[1, 3, H, W]`` and as the picture the ControlNet sees."""
-    from sd35_core.controlnet import prepare_control_image
-    from sd35_core.preprocess import blur, canny
+    from sd35_core.image.control_image import prepare_control_image
+    from sd35_core.image.preprocess import blur, canny
 
     kind = control_type_of(loaded, opts)
     image = pil_to_tensor(load_image_resized(opts.controlnet_cond_image, width, height, opts.resize_mode, say,
@@ -134,8 +134,8 @@ def encode_inputs(
 ) -> tuple[torch.Tensor | None, list[Any], Image.Image | None]:
     """The run's image inputs: the ``--init_image`` latent (or ``None``), the ControlNet hints, and the
     control image as the ControlNet sees it (for ``control.png``; ``None`` without a ControlNet)."""
-    from sd35_core.controlnet import ControlHint
-    from sd35_core.latent import process_in
+    from sd35_core.models.latent import process_in
+    from sd35_core.sampling.control import ControlHint
 
     init = None
     if opts.init_image:

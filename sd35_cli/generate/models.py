@@ -78,7 +78,7 @@ def text_encoder_files(opts: GenerateOptions, bundled_roles: Sequence[str] = ())
 def inspect_model(path: str) -> tuple[Any, str]:
     """``(MMDiTConfig, variant)`` of a checkpoint (safetensors or GGUF) from its header alone (no weights read);
     a file that is no SD3/SD3.5 model raises the loader's CheckpointError saying what it is."""
-    from sd35_core.loader import inspect_diffusion_model
+    from sd35_core.loading.loader import inspect_diffusion_model
 
     _require_file("model", path)
     return inspect_diffusion_model(path)
@@ -88,13 +88,13 @@ def inspect_model(path: str) -> tuple[Any, str]:
 class LoadedModels:
     """Everything a run needs, loaded."""
 
-    model: Any  # sd35_core.loader.DiffusionModel
-    vae: Any  # sd35_core.vae.VAE
-    text: Any  # sd35_core.text_encoder.SD3TextEncoder
-    controlnet: Any = None  # sd35_core.controlnet.ControlNet
+    model: Any  # sd35_core.loading.loader.DiffusionModel
+    vae: Any  # sd35_core.models.vae.VAE
+    text: Any  # sd35_core.text.encoder.SD3TextEncoder
+    controlnet: Any = None  # sd35_core.models.controlnet.ControlNet
     controlnet_path: str | None = None  # "8b" or "2b"
     text_files: dict[str, str | None] = field(default_factory=dict)
-    # ``(LoraPatches, strength)`` stacks from --lora, applied while encoding and sampling (sd35_core.lora)
+    # ``(LoraPatches, strength)`` stacks from --lora, applied while encoding and sampling (sd35_core.loading.lora)
     model_loras: tuple = ()
     text_loras: tuple = ()
 
@@ -110,12 +110,12 @@ def load_models(
     opts: GenerateOptions, device: torch.device, say: Callable[[str], None] = lambda s: None
 ) -> LoadedModels:
     """Load the diffusion model, VAE, text encoders (+ tokenizers) and ControlNet the options name."""
-    from sd35_core.controlnet import check_controlnet_fits
-    from sd35_core.loader import checkpoint_parts, load_checkpoint, load_controlnet, load_text_encoder, load_vae
-    from sd35_core.lora import load_lora
-    from sd35_core.text_encoder import SD3TextEncoder
-    from sd35_core.text_roles import check_text_encoder_files
-    from sd35_core.tokenization import SD3Tokenizer, find_tokenizer_files
+    from sd35_core.loading.loader import checkpoint_parts, load_checkpoint, load_controlnet, load_text_encoder, load_vae
+    from sd35_core.loading.lora import load_lora
+    from sd35_core.loading.text_roles import check_text_encoder_files
+    from sd35_core.models.controlnet import check_controlnet_fits
+    from sd35_core.text.encoder import SD3TextEncoder
+    from sd35_core.text.tokenization import SD3Tokenizer, find_tokenizer_files
 
     _require_file("model", opts.model)
     for option in ("vae", "controlnet_ckpt", "init_image", "controlnet_cond_image"):
@@ -141,7 +141,7 @@ def load_models(
     parts = load_checkpoint(opts.model, opts.dtype, device)
     model = parts.model
     if opts.compile:
-        from sd35_core.compile import compile_model
+        from sd35_core.models.compile import compile_model
 
         compile_model(model.mmdit)
 

@@ -15,9 +15,9 @@ import re
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from sd35_core.fit import DEFAULT_RESIZE_MODE, RESIZE_MODES
-from sd35_core.mask import MASK_MODES
-from sd35_core.samplers import SAMPLERS
+from sd35_core.image.fit import DEFAULT_RESIZE_MODE, RESIZE_MODES
+from sd35_core.sampling.mask import MASK_MODES
+from sd35_core.sampling.samplers import SAMPLERS
 
 from ..main import UsageError
 

@@ -71,7 +71,7 @@ class GenerateResult:
 
 def save_latents(path: str, latents: torch.Tensor) -> str:
     """``--save_latent``: the latents as .safetensors under the key ``latent`` (folders made); returns ``path``."""
-    from sd35_core.checkpoint import write_safetensors
+    from sd35_core.loading.checkpoint import write_safetensors
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_safetensors(path, {"latent": latents.contiguous()})

@@ -27,13 +27,13 @@ def slg_requested(opts: GenerateOptions) -> bool:
 
 def defaults_entry(model_path: str, variant: str, controlnet_path: str | None = None,
                    controlnet_type: str | None = None) -> tuple[str, str]:
-    """Which rows of sd35_core.defaults apply: ``(model row, controlnet row or "")``.
+    """Which rows of sd35_core.sampling.defaults apply: ``(model row, controlnet row or "")``.
 
     As the reference, the model file's base name picks the row (``sd3.5_medium.safetensors`` ->
     ``sd3.5_medium``); a renamed file falls back to the variant detected from its weights. A ControlNet
     row comes from the ControlNet file's name, else from its type (``sd3.5_large_controlnet_<type>``).
     """
-    from sd35_core.defaults import DEFAULTS
+    from sd35_core.sampling.defaults import DEFAULTS
 
     model_row = stem(model_path) if stem(model_path) in DEFAULTS else variant
     cn_row = ""
@@ -54,8 +54,8 @@ def resolve_settings(
     (4.0 for SD3.5 Medium, see DESCRIPTION); a ControlNet row overrides the model row; explicit options
     override both. ``--slg_*`` options enable SLG on any model (unset fields from the recommended SLG).
     """
-    from sd35_core.defaults import DEFAULTS, defaults_for
-    from sd35_core.guidance import SkipLayerGuidance
+    from sd35_core.sampling.defaults import DEFAULTS, defaults_for
+    from sd35_core.sampling.request import SkipLayerGuidance
 
     check_positive("steps", opts.steps, whole=True)
     check_positive("shift", opts.shift)

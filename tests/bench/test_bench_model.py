@@ -9,9 +9,9 @@ import torch
 
 from bench import bench_model
 from bench.diffusers_convert import MissingBaseline, diffusers_class
-from sd35_core import ops
-from sd35_core.mmditx import MMDiTX
-from sd35_core.tiny import randomize_, sincos_pos_embed
+from sd35_core.loading.tiny import randomize_, sincos_pos_embed
+from sd35_core.models import ops
+from sd35_core.models.mmditx import MMDiTX
 
 TINY = ["--depth", "2", "--hidden", "128", "--size", "64", "--repeats", "1", "--threads", "1"]
 

@@ -2,7 +2,7 @@
 in API format, and the same kind of graph as the editor saves it (UI format) with the constructs its
 conversion must handle: a seed control value, a PrimitiveNode, a Reroute, a muted and a bypassed node, a Note."""
 
-CKPT = "tiny-sd3.5_large.safetensors"  # sd35_core.tiny's Large-like checkpoint: 4 joint blocks, fast
+CKPT = "tiny-sd3.5_large.safetensors"  # sd35_core.loading.tiny's Large-like checkpoint: 4 joint blocks, fast
 
 SAMPLER = dict(seed=42, steps=4, cfg=4.5, sampler="euler", schedule="reference", shift=3.0, denoise=1.0,
                slg_layers="7,8,9", slg_scale=0.0, slg_start=0.01, slg_end=0.2, slg_window="steps")

@@ -9,9 +9,9 @@ from PIL import Image
 
 from sd35_cli.demo import GRID_PROMPTS
 from sd35_cli.main import main
-from sd35_core.bundled import tiny_shapes_checkpoint, tiny_shapes_controlnet
-from sd35_core.defaults import defaults_for
+from sd35_core.sampling.defaults import defaults_for
 from sd35_train.analysis import read_image
+from sd35_train.bundled import tiny_shapes_checkpoint, tiny_shapes_controlnet
 
 
 def test_demo_draws_the_grid_controlnet_and_img2img_with_the_bundled_model(capsys, tmp_path, monkeypatch):

@@ -3,7 +3,7 @@
 import json
 
 from sd35_cli.main import main
-from sd35_core.bundled import tiny_shapes_checkpoint
+from sd35_train.bundled import tiny_shapes_checkpoint
 
 
 def test_eval_tiny_scores_the_bundled_model_per_attribute(capsys):

@@ -102,10 +102,10 @@ def test_default_postfix_is_the_reference_timestamp():
 
 
 def test_save_latent_equals_the_pipeline_computed_directly(capsys, gen_args, tmp_path, tiny_models):
-    from sd35_core.defaults import defaults_for
-    from sd35_core.guidance import CondEntry
-    from sd35_core.pipeline import txt2img
-    from sd35_core.request import SampleRequest
+    from sd35_core.sampling.defaults import defaults_for
+    from sd35_core.sampling.guidance import CondEntry
+    from sd35_core.sampling.pipeline import txt2img
+    from sd35_core.sampling.request import SampleRequest
 
     latent_file = tmp_path / "latent.safetensors"
     summary, _ = run_json(capsys, gen_args("--prompt", "a lighthouse at dusk", "--seed", "123", "--skip_layer_cfg",
@@ -134,9 +134,9 @@ def test_save_latent_equals_the_pipeline_computed_directly(capsys, gen_args, tmp
 
 
 def _direct_parts(tiny_models, variant):
-    from sd35_core.loader import load_checkpoint, load_text_encoder
-    from sd35_core.text_encoder import SD3TextEncoder
-    from sd35_core.tokenization import SD3Tokenizer, find_tokenizer_files
+    from sd35_core.loading.loader import load_checkpoint, load_text_encoder
+    from sd35_core.text.encoder import SD3TextEncoder
+    from sd35_core.text.tokenization import SD3Tokenizer, find_tokenizer_files
 
     parts = load_checkpoint(tiny_models.checkpoints[variant], "fp32", "cpu")
     enc = {role: load_text_encoder(tiny_models.text_encoders[role], role, "fp32", "cpu")
@@ -154,9 +154,9 @@ def _pixels(path, width, height):
 
 
 def test_init_image_latent_equals_img2img_on_the_vae_mean(capsys, gen_args, tmp_path, tiny_models):
-    from sd35_core.guidance import CondEntry
-    from sd35_core.pipeline import img2img
-    from sd35_core.request import SampleRequest
+    from sd35_core.sampling.guidance import CondEntry
+    from sd35_core.sampling.pipeline import img2img
+    from sd35_core.sampling.request import SampleRequest
 
     picture = tmp_path / "init.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(picture)
@@ -174,13 +174,13 @@ def test_init_image_latent_equals_img2img_on_the_vae_mean(capsys, gen_args, tmp_
 
 
 def test_controlnet_run_equals_the_pipeline_with_the_reference_canny_scaling(capsys, gen_args, tmp_path, tiny_models):
-    from sd35_core.controlnet import ControlHint
-    from sd35_core.defaults import defaults_for
-    from sd35_core.guidance import CondEntry
-    from sd35_core.latent import process_in
-    from sd35_core.loader import load_controlnet
-    from sd35_core.pipeline import txt2img
-    from sd35_core.request import SampleRequest
+    from sd35_core.loading.loader import load_controlnet
+    from sd35_core.models.latent import process_in
+    from sd35_core.sampling.control import ControlHint
+    from sd35_core.sampling.defaults import defaults_for
+    from sd35_core.sampling.guidance import CondEntry
+    from sd35_core.sampling.pipeline import txt2img
+    from sd35_core.sampling.request import SampleRequest
 
     edges = np.zeros((48, 64, 3), dtype=np.uint8)
     edges[10:12, :] = 255
@@ -243,7 +243,7 @@ def test_subprocess_python_m_with_dashed_spellings_and_fire_style_values(tmp_pat
 
 
 def test_bundled_text_encoders_and_a_bare_model_with_separate_vae(capsys, gen_args, tmp_path, tiny_models):
-    from sd35_core.tiny import write_checkpoint
+    from sd35_core.loading.tiny import write_checkpoint
 
     bundled = write_checkpoint(tmp_path / "all_in_one.safetensors", "sd3.5_large", text_encoders=True)
     empty = tmp_path / "empty"
@@ -263,7 +263,7 @@ def test_bundled_text_encoders_and_a_bare_model_with_separate_vae(capsys, gen_ar
 def test_a_gguf_model_runs_with_a_separate_vae_as_its_dequantized_weights_do(capsys, gen_args, tmp_path,
                                                                             tiny_models):
     from bench.gguf_write import dequantized_state, write_gguf
-    from sd35_core.tiny import save_state, tiny_mmdit
+    from sd35_core.loading.tiny import save_state, tiny_mmdit
 
     gguf = write_gguf(tmp_path / "tiny-Q4_0.gguf", tiny_mmdit("sd3.5_medium").state_dict(), "Q4_0")
     dense = save_state(tmp_path / "tiny-deq.safetensors", {"": dequantized_state(gguf)})

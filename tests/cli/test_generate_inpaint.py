@@ -21,9 +21,9 @@ def _picture(path, mode="RGB"):
 
 
 def _expected(tiny_models, picture, mask, **settings):
-    from sd35_core.guidance import CondEntry
-    from sd35_core.pipeline import img2img
-    from sd35_core.request import SampleRequest
+    from sd35_core.sampling.guidance import CondEntry
+    from sd35_core.sampling.pipeline import img2img
+    from sd35_core.sampling.request import SampleRequest
 
     parts, text = _direct_parts(tiny_models, "sd3.5_medium")
     init = parts.vae.encode(_pixels(picture, W, H) * 2 - 1)
@@ -58,7 +58,7 @@ def test_a_grey_mask_repaints_the_white_part_and_keeps_the_rest(capsys, gen_args
 
 def test_the_transparent_part_of_an_rgba_image_is_the_mask_and_grow_and_mode_apply(capsys, gen_args, tmp_path,
                                                                                   tiny_models):
-    from sd35_core.mask import grow_mask, load_mask
+    from sd35_core.sampling.mask import grow_mask, load_mask
 
     rgba = np.asarray(Image.open(_picture(tmp_path / "init.png", "RGBA"))).copy()
     rgba[10:30, 20:50, 3] = 0  # erased: repaint

@@ -30,11 +30,11 @@ def _latent(capsys, gen_args, tmp_path, name, *extra):
 
 
 def test_lora_runs_equal_the_pipeline_and_stack_in_order(capsys, gen_args, tmp_path, tiny_models):
-    from sd35_core.defaults import defaults_for
-    from sd35_core.guidance import CondEntry
-    from sd35_core.lora import applied, load_lora
-    from sd35_core.pipeline import txt2img
-    from sd35_core.request import SampleRequest
+    from sd35_core.loading.lora import applied, load_lora
+    from sd35_core.sampling.defaults import defaults_for
+    from sd35_core.sampling.guidance import CondEntry
+    from sd35_core.sampling.pipeline import txt2img
+    from sd35_core.sampling.request import SampleRequest
 
     lora = tiny_models.lora
     base = _latent(capsys, gen_args, tmp_path, "base")

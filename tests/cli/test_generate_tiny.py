@@ -5,7 +5,7 @@ import json
 from PIL import Image
 
 from sd35_cli.main import main
-from sd35_core.bundled import tiny_shapes_checkpoint
+from sd35_train.bundled import tiny_shapes_checkpoint
 
 
 def test_the_bundled_model_needs_no_other_flag(capsys, tmp_path, monkeypatch):

@@ -30,7 +30,7 @@ def test_clip_vocab_layout(files):
 
 
 def test_clip_tokens_match_transformers_and_sd35_core(files):
-    from sd35_core.tokenization import SD3Tokenizer
+    from sd35_core.text.tokenization import SD3Tokenizer
 
     ours = SD3Tokenizer.from_files(files.clip_dir, files.t5_tokenizer_json)
     theirs = CLIPTokenizer(files.clip_vocab, files.clip_merges)
@@ -46,7 +46,7 @@ def test_clip_tokens_match_transformers_and_sd35_core(files):
 
 
 def test_t5_conventions(files):
-    from sd35_core.tokenization import SD3Tokenizer
+    from sd35_core.text.tokenization import SD3Tokenizer
 
     hf = T5TokenizerFast(tokenizer_file=files.t5_tokenizer_json)
     assert (hf.pad_token_id, hf.eos_token_id, hf.unk_token_id) == (0, 1, 2)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sd35_core.controlnet import CONTROL_TYPES, SAVE_KEY_MAP, ControlNet, ControlNetConfig
-from sd35_core.tiny import CLIP_G_WIDTH, CLIP_L_WIDTH, randomize_, save_state, tiny_mmdit
+from sd35_core.loading.tiny import CLIP_G_WIDTH, CLIP_L_WIDTH, randomize_, save_state, tiny_mmdit
+from sd35_core.models.controlnet import CONTROL_TYPES, SAVE_KEY_MAP, ControlNet, ControlNetConfig
 
 COMFY_DEPTH = 4
 COMFY_WIDTH = 64 * COMFY_DEPTH

@@ -47,7 +47,7 @@ def server(tmp_path_factory):
     from PIL import Image
 
     from bench.gguf_write import write_gguf
-    from sd35_core.tiny import tiny_mmdit, write_tiny_model_set
+    from sd35_core.loading.tiny import tiny_mmdit, write_tiny_model_set
 
     base = tmp_path_factory.mktemp("comfy_base")
     models = write_tiny_model_set(tmp_path_factory.mktemp("comfy_models"), seed=0)

@@ -20,13 +20,13 @@ def main(settings_path: str, out_path: str) -> None:
     import numpy as np
     import torch
 
-    from sd35_core.guidance import CondEntry, SkipLayerGuidance
-    from sd35_core.loader import load_checkpoint, load_text_encoder
-    from sd35_core.pipeline import txt2img
-    from sd35_core.request import SampleRequest
-    from sd35_core.text_encoder import SD3TextEncoder
-    from sd35_core.tokenization import SD3Tokenizer, find_tokenizer_files
-    from sd35_core.vae import vae_output_to_image
+    from sd35_core.loading.loader import load_checkpoint, load_text_encoder
+    from sd35_core.models.vae import vae_output_to_image
+    from sd35_core.sampling.guidance import CondEntry
+    from sd35_core.sampling.pipeline import txt2img
+    from sd35_core.sampling.request import SampleRequest, SkipLayerGuidance
+    from sd35_core.text.encoder import SD3TextEncoder
+    from sd35_core.text.tokenization import SD3Tokenizer, find_tokenizer_files
 
     s = json.load(open(settings_path))
     parts = load_checkpoint(s["checkpoint"], "fp32", "cpu")

@@ -33,7 +33,7 @@ PARITY = 1e-4  # the issue's bar; DESIGN.md: ComfyUI's own MMDiT agrees with the
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """The tiny model set plus the bridge files (bridge_models.py)."""
-    from sd35_core.tiny import write_tiny_model_set
+    from sd35_core.loading.tiny import write_tiny_model_set
 
     models = write_tiny_model_set(tmp_path_factory.mktemp("comfy_models"), seed=0)
     write_bridge_models(models.root, seed=0)
@@ -294,7 +294,7 @@ def test_inside_comfyui_block_patches_take_native_passes_and_partial_loads_keep_
 
     # The comfy-shaped model as a Q8_0 GGUF file, written by the gguf package in a fresh interpreter (a folder
     # named gguf beside the checkout would shadow the package on pytest's path).
-    write = ("import sys; from bench.gguf_write import write_gguf; from sd35_core.tiny import tiny_mmdit; "
+    write = ("import sys; from bench.gguf_write import write_gguf; from sd35_core.loading.tiny import tiny_mmdit; "
              "from tests.host.bridge_models import COMFY_DEPTH, COMFY_WIDTH; "
              "m = tiny_mmdit('sd3.5_large', 5, depth=COMFY_DEPTH, hidden=COMFY_WIDTH); "
              "write_gguf(sys.argv[1], m.state_dict(), 'Q8_0')")

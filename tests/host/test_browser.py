@@ -268,7 +268,7 @@ def test_the_tiny_shapes_workflow_runs_as_shipped_and_shows_its_image(browser):
 
 def test_preset_control_fills_the_recommended_settings(browser, server):
     start = browser.mark()
-    from sd35_core.defaults import defaults_json
+    from sd35_core.sampling.defaults import defaults_json
 
     table = server.get_json("/sd35/defaults")
     assert table == json.loads(json.dumps(defaults_json()))  # the route serves the Python table itself

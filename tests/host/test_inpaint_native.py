@@ -44,11 +44,11 @@ def native(tmp_path_factory):
     """(our model, positive, negative, input tensors, ComfyUI's latents by case name)."""
     from safetensors.torch import load_file, save_file
 
-    from sd35_core.guidance import CondEntry
-    from sd35_core.loader import load_checkpoint, load_text_encoder
-    from sd35_core.text_encoder import SD3TextEncoder
-    from sd35_core.tiny import save_state, tiny_mmdit, write_text_encoders
-    from sd35_core.tokenization import SD3Tokenizer
+    from sd35_core.loading.loader import load_checkpoint, load_text_encoder
+    from sd35_core.loading.tiny import save_state, tiny_mmdit, write_text_encoders
+    from sd35_core.sampling.guidance import CondEntry
+    from sd35_core.text.encoder import SD3TextEncoder
+    from sd35_core.text.tokenization import SD3Tokenizer
 
     tmp = tmp_path_factory.mktemp("native_inpaint")
     path = save_state(tmp / "tiny-sd3.5_medium-d2.safetensors", {"": tiny_mmdit("sd3.5_medium", seed=0, depth=2)
@@ -87,8 +87,8 @@ def native(tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_noise_mask_sampling_equals_comfyuis_ksampler(native, name):
-    from sd35_core.pipeline import sample
-    from sd35_core.request import SampleRequest
+    from sd35_core.sampling.pipeline import sample
+    from sd35_core.sampling.request import SampleRequest
 
     model, positive, negative, inputs, theirs = native
     case = CASES[name]

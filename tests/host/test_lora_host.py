@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sd35_core.loader import load_checkpoint
-from sd35_core.lora import applied, load_lora
-from sd35_core.lora.formats import diffusers_names
-from sd35_core.tiny import kohya_lora_tensors, save_state, tiny_mmdit
+from sd35_core.loading.loader import load_checkpoint
+from sd35_core.loading.lora import applied, load_lora
+from sd35_core.loading.lora.formats import diffusers_names
+from sd35_core.loading.tiny import kohya_lora_tensors, save_state, tiny_mmdit
 
 from .comfyui_server import COMFYUI_PATH, comfyui_python
 

@@ -44,7 +44,7 @@ def node_classes(pack):
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    from sd35_core.tiny import write_tiny_model_set
+    from sd35_core.loading.tiny import write_tiny_model_set
 
     return write_tiny_model_set(tmp_path_factory.mktemp("models"), seed=0)
 

@@ -15,7 +15,7 @@ def bridge(pack):
 
 @pytest.fixture(scope="module")
 def mmdit(pack):
-    from comfyui_sd35.sd35_core.tiny import tiny_mmdit
+    from comfyui_sd35.sd35_core.loading.tiny import tiny_mmdit
 
     return tiny_mmdit("sd3.5_medium", seed=3, depth=4)
 
@@ -118,7 +118,7 @@ class _Quantised(torch.Tensor):
 
 
 def _foreign(mmdit):
-    from comfyui_sd35.sd35_core.mmditx import MMDiTX
+    from comfyui_sd35.sd35_core.models.mmditx import MMDiTX
 
     other = MMDiTX(mmdit.config)
     other.load_state_dict(mmdit.state_dict())

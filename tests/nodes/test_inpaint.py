@@ -87,7 +87,7 @@ def test_encode_for_inpaint_bad_masks_are_node_errors(run_node, vae, mask, messa
 
 
 def _request(mask, **kw):
-    from comfyui_sd35.sd35_core.request import SampleRequest
+    from comfyui_sd35.sd35_core.sampling.request import SampleRequest
 
     settings = dict(steps=3, cfg=4.0, sampler="euler", shift=3.0, seed=7, skip_uncond_at_cfg1=True,
                     noise_mask=mask)
@@ -96,7 +96,7 @@ def _request(mask, **kw):
 
 
 def test_inpainting_through_the_nodes_equals_the_pipeline_and_keeps_the_unmasked_part(run_node, parts):
-    from comfyui_sd35.sd35_core import pipeline
+    from comfyui_sd35.sd35_core.sampling import pipeline
 
     model, vae, pos, neg = parts
     mask = torch.zeros(1, SIZE, SIZE)
@@ -114,7 +114,7 @@ def test_inpainting_through_the_nodes_equals_the_pipeline_and_keeps_the_unmasked
 
 
 def test_set_latent_noise_mask_with_img2img_and_the_differential_mode(run_node, parts):
-    from comfyui_sd35.sd35_core import pipeline
+    from comfyui_sd35.sd35_core.sampling import pipeline
 
     model, vae, pos, neg = parts
     (latent,) = run_node("SD35VAEEncode", pixels=_image(), vae=vae)

@@ -50,7 +50,7 @@ def test_bare_diffusion_model_from_diffusion_models_folder(run_node, fresh_cache
 def test_checkpoint_bundling_text_encoders_gives_clip(run_node, tiny_models, fresh_caches, tmp_path, monkeypatch):
     from comfyui_sd35.nodes.objects import SD35Clip
 
-    from sd35_core.tiny import write_checkpoint
+    from sd35_core.loading.tiny import write_checkpoint
 
     path = write_checkpoint(tmp_path / "with_te.safetensors", "sd3_medium", text_encoders=True)
     model, clip, vae = run_node("SD35CheckpointLoader", ckpt_name=str(path), weight_dtype="default")
@@ -102,9 +102,9 @@ def test_other_loaders_cache_too(run_node, fresh_caches, node_classes):
 
 
 def test_corrupt_checkpoint_raises_the_core_error_naming_the_file(run_node, tiny_models, fresh_caches):
-    from comfyui_sd35.sd35_core.checkpoint import CheckpointError
+    from comfyui_sd35.sd35_core.loading.checkpoint import CheckpointError
 
-    from sd35_core.checkpoint import CheckpointError as TopLevelCheckpointError
+    from sd35_core.errors import CheckpointError as TopLevelCheckpointError
 
     bad = os.path.join(tiny_models.root, "checkpoints", "corrupt.safetensors")
     shutil.copy(tiny_models.checkpoints["sd3.5_medium"], bad)
@@ -138,7 +138,7 @@ def test_gguf_diffusion_models_are_listed_and_load_with_their_weights_quantized(
     from comfyui_sd35.nodes.loaders import bundled_files
 
     from bench.gguf_write import write_gguf
-    from sd35_core.tiny import tiny_mmdit
+    from sd35_core.loading.tiny import tiny_mmdit
 
     state = tiny_mmdit("sd3.5_large").state_dict()
     write_gguf(tmp_path / "diffusion_models" / "sd35" / "tiny-Q8_0.gguf", state, "Q8_0")
@@ -165,7 +165,7 @@ def test_text_encoder_slots_default_to_the_file_named_for_their_role(node_classe
 
 
 def test_a_text_encoder_in_the_wrong_slot_is_refused_by_the_loader_node(run_node, fresh_caches):
-    from comfyui_sd35.sd35_core.text_roles import TextEncoderRoleError
+    from comfyui_sd35.sd35_core.loading.text_roles import TextEncoderRoleError
 
     with pytest.raises(TextEncoderRoleError, match=r"clip_g\.safetensors: this file is CLIP-G .*the clip_l slot "
                                                     r"needs CLIP-L \(clip_l\.safetensors\)"):
@@ -175,7 +175,7 @@ def test_a_text_encoder_in_the_wrong_slot_is_refused_by_the_loader_node(run_node
 
 def test_the_bundled_tiny_shapes_files_are_listed_loaded_and_encode_with_their_own_tokenizers(
         run_node, fresh_caches, node_classes):
-    from comfyui_sd35.sd35_core.bundled import tiny_shapes_checkpoint
+    from comfyui_sd35.sd35_train.bundled import tiny_shapes_checkpoint
 
     ckpt_names = node_classes["SD35CheckpointLoader"].INPUT_TYPES()["required"]["ckpt_name"][0]
     cn_names = node_classes["SD35ControlNetLoader"].INPUT_TYPES()["required"]["control_net_name"][0]

@@ -2,7 +2,7 @@
 
 import json
 
-from sd35_core.defaults import DEFAULTS, defaults_json
+from sd35_core.sampling.defaults import DEFAULTS, defaults_json
 
 
 class RouteTable:

@@ -27,7 +27,7 @@ def parts(run_node):
 
 
 def entries(conditioning):
-    from comfyui_sd35.sd35_core.guidance import CondEntry
+    from comfyui_sd35.sd35_core.sampling.guidance import CondEntry
 
     return [CondEntry(c, o["pooled_output"], o.get("strength", 1.0), o.get("start_percent", 0.0),
                       o.get("end_percent", 1.0)) for c, o in conditioning]
@@ -48,9 +48,9 @@ def test_text_encode_sample_decode(run_node, parts):
 
 
 def test_sampler_node_equals_the_pipeline(run_node, parts):
-    from comfyui_sd35.sd35_core import pipeline
-    from comfyui_sd35.sd35_core.guidance import SkipLayerGuidance
-    from comfyui_sd35.sd35_core.request import SampleRequest
+    from comfyui_sd35.sd35_core.sampling import pipeline
+    from comfyui_sd35.sd35_core.sampling.guidance import SkipLayerGuidance
+    from comfyui_sd35.sd35_core.sampling.request import SampleRequest
 
     model, _, pos, neg = parts
     (latent,) = run_node("SD35EmptyLatent", width=SIZE, height=SIZE, batch_size=1)
@@ -66,8 +66,8 @@ def test_sampler_node_equals_the_pipeline(run_node, parts):
 
 
 def test_comfyui_timestep_ranges_and_combine_are_honoured(run_node, parts):
-    from comfyui_sd35.sd35_core import pipeline
-    from comfyui_sd35.sd35_core.request import SampleRequest
+    from comfyui_sd35.sd35_core.sampling import pipeline
+    from comfyui_sd35.sd35_core.sampling.request import SampleRequest
 
     model, _, pos, neg = parts
     (other,) = run_node("SD35TextEncode", clip=run_node("SD35TextEncoderLoader", clip_l_name="clip_l.safetensors",
@@ -132,8 +132,8 @@ def test_conditioning_that_is_not_sd3_is_refused(run_node, parts):
 
 
 def test_img2img_through_vae_encode_equals_the_pipeline(run_node, parts):
-    from comfyui_sd35.sd35_core import pipeline
-    from comfyui_sd35.sd35_core.request import SampleRequest
+    from comfyui_sd35.sd35_core.sampling import pipeline
+    from comfyui_sd35.sd35_core.sampling.request import SampleRequest
 
     model, vae, pos, neg = parts
     image = torch.rand(1, SIZE + 5, SIZE + 3, 3, generator=torch.Generator().manual_seed(1))
@@ -157,7 +157,7 @@ def test_tiled_vae_matches_whole_vae(run_node, parts):
     (whole,) = run_node("SD35VAEDecode", samples=latent, vae=vae)
     (tiled,) = run_node("SD35VAEDecode", samples=latent, vae=vae, tiled=True, tile_size=64, overlap=16)
     assert tiled.shape == whole.shape == (1, 96, 80, 3)
-    from comfyui_sd35.sd35_core.vae import vae_output_to_image
+    from comfyui_sd35.sd35_core.models.vae import vae_output_to_image
 
     assert torch.equal(tiled, vae_output_to_image(vae.vae.decode_tiled(latent["samples"], 64, 16)))
     assert not torch.equal(tiled, whole)  # it really went through tiles
@@ -224,7 +224,7 @@ def test_progress_every_step_and_cancel_leaves_the_model_usable(run_node, parts,
 
 def test_a_model_with_its_own_preview_map_is_previewed_with_it(run_node, monkeypatch):
     from comfyui_sd35.nodes import host
-    from comfyui_sd35.sd35_core.latent import SD3_PREVIEW, latent_to_rgb_preview
+    from comfyui_sd35.sd35_core.models.latent import SD3_PREVIEW, latent_to_rgb_preview
 
     model, clip, _ = run_node("SD35CheckpointLoader", ckpt_name="tiny_shapes_sd35.safetensors", weight_dtype="default")
     assert model.preview != SD3_PREVIEW  # its VAE is its own, trained here
@@ -244,10 +244,11 @@ def test_a_model_with_its_own_preview_map_is_previewed_with_it(run_node, monkeyp
 
 
 def test_controlnet_apply_attaches_the_hint_and_the_sampler_runs_it(run_node, parts, models_env):
-    from comfyui_sd35.sd35_core import pipeline
-    from comfyui_sd35.sd35_core.controlnet import ControlHint, prepare_control_image
-    from comfyui_sd35.sd35_core.latent import process_in
-    from comfyui_sd35.sd35_core.request import SampleRequest
+    from comfyui_sd35.sd35_core.image.control_image import prepare_control_image
+    from comfyui_sd35.sd35_core.models.latent import process_in
+    from comfyui_sd35.sd35_core.sampling import pipeline
+    from comfyui_sd35.sd35_core.sampling.control import ControlHint
+    from comfyui_sd35.sd35_core.sampling.request import SampleRequest
 
     model, vae, pos, neg = parts
     (cn,) = run_node("SD35ControlNetLoader", model=model,
@@ -339,8 +340,8 @@ def test_apply_controlnet_fits_a_control_image_of_another_aspect_by_resize_mode(
 def test_cache_threshold_is_an_optional_input_that_reaches_the_request(run_node, parts, caplog):
     import logging
 
-    from comfyui_sd35.sd35_core import pipeline
-    from comfyui_sd35.sd35_core.request import SampleRequest
+    from comfyui_sd35.sd35_core.sampling import pipeline
+    from comfyui_sd35.sd35_core.sampling.request import SampleRequest
 
     model, _, pos, neg = parts
     (latent,) = run_node("SD35EmptyLatent", width=SIZE, height=SIZE, batch_size=1)
@@ -368,7 +369,7 @@ def _copy_with_a_nan(src: str, dst) -> str:
 
 
 def test_nan_weights_are_a_sampler_error_naming_the_step(run_node, parts, tiny_models, tmp_path):
-    from comfyui_sd35.sd35_core.numerics import NonFiniteError
+    from comfyui_sd35.sd35_core.models.numerics import NonFiniteError
 
     _, vae, pos, neg = parts
     damaged = _copy_with_a_nan(tiny_models.checkpoints["sd3.5_large"], tmp_path / "damaged.safetensors")

@@ -7,8 +7,8 @@ import functools
 
 import torch
 
-from sd35_core.guidance import CondEntry
-from sd35_core.tiny import tiny_controlnet, tiny_mmdit
+from sd35_core.loading.tiny import tiny_controlnet, tiny_mmdit
+from sd35_core.sampling.guidance import CondEntry
 
 
 @functools.cache

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from sd35_core.bundled import tiny_shapes_checkpoint, tiny_shapes_controlnet, tiny_shapes_dir
-from sd35_core.loader import load_checkpoint, load_controlnet
-from sd35_core.text_encoder import SD3TextEncoder
-from sd35_core.tokenization import SD3Tokenizer, find_tokenizer_files
+from sd35_core.loading.loader import load_checkpoint, load_controlnet
+from sd35_core.text.encoder import SD3TextEncoder
+from sd35_core.text.tokenization import SD3Tokenizer, find_tokenizer_files
+from sd35_train.bundled import tiny_shapes_checkpoint, tiny_shapes_controlnet, tiny_shapes_dir
 
 
 def test_the_bundled_files_load_with_the_standard_loaders():
@@ -30,9 +30,9 @@ def test_foreign_tokenizers_are_refused_with_a_clear_message(tokenizer_dirs):
 
 
 def test_it_draws_the_asked_background():
-    from sd35_core.guidance import CondEntry
-    from sd35_core.pipeline import txt2img
-    from sd35_core.request import SampleRequest
+    from sd35_core.sampling.guidance import CondEntry
+    from sd35_core.sampling.pipeline import txt2img
+    from sd35_core.sampling.request import SampleRequest
     from sd35_train.analysis import read_image
 
     path = tiny_shapes_checkpoint()
@@ -47,7 +47,7 @@ def test_it_draws_the_asked_background():
 
 
 def test_its_own_latent_preview_map_shows_its_pictures_closer_than_sd3s_factors():
-    from sd35_core.latent import SD3_PREVIEW, latent_to_rgb_preview, process_in
+    from sd35_core.models.latent import SD3_PREVIEW, latent_to_rgb_preview, process_in
     from sd35_train.data import render
     from sd35_train.evaluate import eval_specs
 

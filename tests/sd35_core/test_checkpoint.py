@@ -7,8 +7,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from sd35_core import ops
-from sd35_core.checkpoint import CheckpointError, DTypePolicy, find_prefix, load_weights, open_safetensors
+from sd35_core.errors import CheckpointError
+from sd35_core.loading.checkpoint import DTypePolicy, find_prefix, load_weights, open_safetensors
+from sd35_core.models import ops
 
 
 class Tiny(nn.Module):
@@ -98,7 +99,7 @@ def test_weights_load_straight_into_the_requested_dtype(tiny_file, name):
 @pytest.mark.parametrize("target", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
 def test_converted_reads_equal_a_cast_of_the_stored_tensor_across_chunk_boundaries(tmp_path, monkeypatch, stored,
                                                                                  target):
-    from sd35_core import checkpoint
+    from sd35_core.loading import checkpoint
 
     # 7-byte chunks: never a whole number of elements per read for 2- and 4-byte dtypes, and odd tails.
     monkeypatch.setattr(checkpoint, "READ_CHUNK_BYTES", 7)
@@ -170,7 +171,7 @@ def test_default_dtype_is_fp32_on_cpu_and_bf16_elsewhere():
 
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
 def test_written_safetensors_files_follow_the_umask_and_read_back(tmp_path, umask):
-    from sd35_core.checkpoint import write_safetensors
+    from sd35_core.loading.checkpoint import write_safetensors
 
     previous = os.umask(umask)
     try:

@@ -4,10 +4,11 @@ import pytest
 import torch
 import transformers
 
-from sd35_core.checkpoint import CheckpointError, DTypePolicy, load_weights, open_safetensors
-from sd35_core.clip import CLIPConfig, CLIPTextModel
-from sd35_core.tiny import randomize_, save_state
-from sd35_core.tokenization import SD3Tokenizer
+from sd35_core.errors import CheckpointError
+from sd35_core.loading.checkpoint import DTypePolicy, load_weights, open_safetensors
+from sd35_core.loading.tiny import randomize_, save_state
+from sd35_core.models.clip import CLIPConfig, CLIPTextModel
+from sd35_core.text.tokenization import SD3Tokenizer
 
 # Shared tiny shapes (common brief) and the released sizes.
 TINY_L = dict(hidden=64, layers=2, intermediate=256, act="quick_gelu", projection=None)

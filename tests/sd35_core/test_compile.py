@@ -10,10 +10,10 @@ import logging
 import pytest
 import torch
 
-from sd35_core.compile import compile_model, compiled_ok
-from sd35_core.guidance import CondEntry, Guider
-from sd35_core.request import SampleRequest, SkipLayerGuidance
-from sd35_core.tiny import tiny_mmdit
+from sd35_core.loading.tiny import tiny_mmdit
+from sd35_core.models.compile import compile_model, compiled_ok
+from sd35_core.sampling.guidance import CondEntry, Guider
+from sd35_core.sampling.request import SampleRequest, SkipLayerGuidance
 
 REL_TOL = 1e-4
 
@@ -64,7 +64,7 @@ def test_where_compiling_fails_the_model_runs_eagerly_after_one_warning(caplog):
     model = tiny_mmdit("sd3.5_medium", depth=3)
     expected = tiny_mmdit("sd3.5_medium", depth=3)(*_inputs())
     compile_model(model, backend=broken_backend)
-    with caplog.at_level(logging.WARNING, logger="sd35_core.compile"), torch.no_grad():
+    with caplog.at_level(logging.WARNING, logger="sd35_core.models.compile"), torch.no_grad():
         outs = [model(*_inputs()) for _ in range(2)]
     warnings = [r for r in caplog.records if "torch.compile is unavailable" in r.getMessage()]
     assert len(warnings) == 1 and "no C compiler found" in warnings[0].getMessage()

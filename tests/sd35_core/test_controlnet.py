@@ -12,23 +12,22 @@ import torch
 from diffusers import SD3ControlNetModel
 from PIL import Image
 
-from sd35_core.checkpoint import CheckpointError, DTypePolicy, load_weights, open_safetensors
-from sd35_core.controlnet import (
+from sd35_core.errors import CheckpointError
+from sd35_core.image.control_image import prepare_control_image
+from sd35_core.image.preprocess import depth_near_is_bright
+from sd35_core.loading.checkpoint import DTypePolicy, load_weights, open_safetensors
+from sd35_core.loading.loader import DiffusionModel, load_controlnet
+from sd35_core.loading.tiny import randomize_, save_state, tiny_mmdit
+from sd35_core.models.controlnet import (
     CONTROL_TYPES,
     LOAD_KEY_MAP,
     SAVE_KEY_MAP,
-    ControlHint,
     ControlNet,
     ControlNetConfig,
     check_controlnet_fits,
-    controlnet_residuals,
-    expand_residuals,
-    prepare_control_image,
 )
-from sd35_core.loader import DiffusionModel, load_controlnet
-from sd35_core.mmditx import MMDiTConfig
-from sd35_core.preprocess import depth_near_is_bright
-from sd35_core.tiny import randomize_, save_state, tiny_mmdit
+from sd35_core.models.mmditx import MMDiTConfig
+from sd35_core.sampling.control import ControlHint, controlnet_residuals, expand_residuals
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 IMAGES = os.path.join(os.path.dirname(ROOT), "shared", "images")

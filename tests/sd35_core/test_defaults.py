@@ -3,10 +3,10 @@ import json
 
 import pytest
 
-from sd35_core.defaults import DEFAULTS, Settings, defaults_for, defaults_json
-from sd35_core.guidance import SkipLayerGuidance
-from sd35_core.samplers import SAMPLERS
-from sd35_core.schedule import SCHEDULES
+from sd35_core.sampling.defaults import DEFAULTS, Settings, defaults_for, defaults_json
+from sd35_core.sampling.request import SkipLayerGuidance
+from sd35_core.sampling.samplers import SAMPLERS
+from sd35_core.sampling.schedule import SCHEDULES
 
 # The reference's CONFIGS (sd3_infer.py), transcribed.
 REFERENCE_CONFIGS = {
@@ -53,8 +53,8 @@ def test_every_variant_is_in_the_table_and_usable():
 
 
 def test_the_tiny_rows_fit_the_bundled_model():
-    from sd35_core.bundled import tiny_shapes_checkpoint
-    from sd35_core.loader import load_checkpoint
+    from sd35_core.loading.loader import load_checkpoint
+    from sd35_train.bundled import tiny_shapes_checkpoint
 
     depth = load_checkpoint(tiny_shapes_checkpoint()).model.config.depth
     slg = defaults_for("tiny_shapes_sd35", slg=True).slg

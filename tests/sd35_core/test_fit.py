@@ -6,8 +6,8 @@ import logging
 import pytest
 import torch
 
-from sd35_core.controlnet import prepare_control_image
-from sd35_core.fit import RESIZE_MODES, fit_image
+from sd35_core.image.control_image import prepare_control_image
+from sd35_core.image.fit import RESIZE_MODES, fit_image
 
 
 @pytest.mark.parametrize("source, frame", [((1000, 600), (64, 48)), ((600, 1000), (64, 48)), ((333, 777), (96, 32)),
@@ -42,7 +42,7 @@ def test_control_image_modes_crop_the_sides_pad_with_black_or_stretch(caplog):
     image = torch.zeros(1, 32, 96, 3)
     image[:, :, :32, 0] = image[:, :, 64:, 0] = 1.0
     image[:, :, 32:64, 1] = 1.0
-    with caplog.at_level(logging.INFO, logger="sd35_core.controlnet"):
+    with caplog.at_level(logging.INFO, logger="sd35_core.image.control_image"):
         cropped = prepare_control_image(image, 32, 32, "blur", resize_mode="crop")
     assert torch.equal(cropped, prepare_control_image(image[:, :, 32:64], 32, 32, "blur"))  # just the middle
     assert any("96x32 -> 32x32: center-cropped to 32x32" in r.getMessage() for r in caplog.records)
@@ -59,7 +59,7 @@ def test_control_image_modes_crop_the_sides_pad_with_black_or_stretch(caplog):
 def test_a_colour_photo_for_the_depth_controlnet_is_warned_about_and_a_grey_map_is_not(caplog):
     photo = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(0))
     grey = photo.mean(-1, keepdim=True).expand(1, 32, 32, 3)
-    with caplog.at_level(logging.WARNING, logger="sd35_core.controlnet"):
+    with caplog.at_level(logging.WARNING, logger="sd35_core.image.control_image"):
         prepare_control_image(grey, 32, 32, "depth")
         assert not caplog.records
         prepare_control_image(photo, 32, 32, "depth")

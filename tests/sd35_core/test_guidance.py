@@ -3,10 +3,10 @@ import logging
 import pytest
 import torch
 
-from sd35_core.controlnet import ControlHint, controlnet_residuals, expand_residuals
-from sd35_core.guidance import CondEntry, Guider, SkipLayerGuidance
-from sd35_core.request import SampleRequest
-from sd35_core.schedule import percent_to_sigma, reference_sigmas
+from sd35_core.sampling.control import ControlHint, controlnet_residuals, expand_residuals
+from sd35_core.sampling.guidance import CondEntry, Guider
+from sd35_core.sampling.request import SampleRequest, SkipLayerGuidance
+from sd35_core.sampling.schedule import percent_to_sigma, reference_sigmas
 
 from .sampling_common import (
     RefBaseModel,
@@ -208,7 +208,7 @@ def test_timestep_ranges_switch_entries(caplog):
     # no active positive entry: that side predicts 0, as in ComfyUI, with a warning
     only_late = Guider(m, late, n, request(cfg=2.0, steps=4, shift=SHIFT))
     sig = sigma_batch(0.95, 1)
-    with caplog.at_level(logging.WARNING, logger="sd35_core.guidance"):
+    with caplog.at_level(logging.WARNING, logger="sd35_core.sampling.guidance"):
         out = only_late(x, sig, 0)
     pn = _single(m, n, x, sig)
     assert_close(out, pn + (torch.zeros_like(pn) - pn) * 2.0, tol=1e-6)

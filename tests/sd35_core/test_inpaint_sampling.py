@@ -7,12 +7,12 @@ follows from the rule itself, on the tiny models and without a host.
 import pytest
 import torch
 
-from sd35_core.controlnet import ControlHint
-from sd35_core.latent import SD3_LATENT_SHIFT, process_in
-from sd35_core.mask import differential_threshold
-from sd35_core.pipeline import sample
-from sd35_core.request import SampleRequest, SkipLayerGuidance
-from sd35_core.samplers import SAMPLERS
+from sd35_core.models.latent import SD3_LATENT_SHIFT, process_in
+from sd35_core.sampling.control import ControlHint
+from sd35_core.sampling.mask import differential_threshold
+from sd35_core.sampling.pipeline import sample
+from sd35_core.sampling.request import SampleRequest, SkipLayerGuidance
+from sd35_core.sampling.samplers import SAMPLERS
 
 from .sampling_common import cond, controlnet, latent, model
 

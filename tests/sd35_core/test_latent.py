@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from sd35_core.latent import (
+from sd35_core.models.latent import (
     LATENT_RGB_FACTORS,
     PACK_METADATA_KEY,
     SD3_LATENT_SCALE,

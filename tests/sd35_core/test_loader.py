@@ -4,10 +4,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sd35_core import loader, tiny
-from sd35_core.checkpoint import CheckpointError
-from sd35_core.clip import CLIPTextModel
-from sd35_core.t5 import T5Encoder
+from sd35_core.errors import CheckpointError
+from sd35_core.loading import loader, tiny
+from sd35_core.models.clip import CLIPTextModel
+from sd35_core.models.t5 import T5Encoder
 
 
 def _inputs(config, batch=1, size=8, tokens=5):
@@ -44,7 +44,7 @@ def test_large_is_reported_as_large_or_turbo_unless_metadata_says_turbo(tmp_path
 def test_a_checkpoint_carries_its_latent_preview_map_in_the_packs_metadata(tmp_path):
     import json
 
-    from sd35_core.latent import PACK_METADATA_KEY, SD3_PREVIEW, LatentPreview
+    from sd35_core.models.latent import PACK_METADATA_KEY, SD3_PREVIEW, LatentPreview
 
     own = LatentPreview(tuple((0.1, 0.0, -0.1) for _ in range(16)), (0.0, 0.5, 0.0))
     with_map = tiny.write_checkpoint(tmp_path / "a.safetensors", vae=False,
@@ -157,7 +157,7 @@ def test_a_file_without_a_vae_is_refused_as_vae(tiny_models):
 def test_a_controlnet_for_another_width_is_refused_naming_both(tiny_models, tmp_path):
     model = loader.load_checkpoint(tiny_models.checkpoints["sd3.5_large"]).model
     wide = tiny.mmdit_config("sd3.5_large", hidden=192)
-    from sd35_core.mmditx import MMDiTX
+    from sd35_core.models.mmditx import MMDiTX
 
     other = loader.DiffusionModel(MMDiTX(wide, device="meta"), wide, "sd3.5_large", "x", model.policy)
     with pytest.raises(CheckpointError, match=r"controlnet_canny\.safetensors.*hidden width 128.*hidden width 192"):

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from bench.gguf_write import dequantized_state, patch_tensor_type, write_gguf
-from sd35_core import loader, ops, tiny
-from sd35_core.checkpoint import CheckpointError
-from sd35_core.pipeline import txt2img
-from sd35_core.request import SampleRequest
+from sd35_core.errors import CheckpointError
+from sd35_core.loading import loader, tiny
+from sd35_core.models import ops
+from sd35_core.sampling.pipeline import txt2img
+from sd35_core.sampling.request import SampleRequest
 
 from .sampling_common import cond
 

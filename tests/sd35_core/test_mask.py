@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sd35_core.mask import (
+from sd35_core.sampling.mask import (
     check_mask,
     differential_threshold,
     grow_mask,
@@ -16,7 +16,7 @@ from sd35_core.mask import (
     mask_from_image,
     prepare_inpaint,
 )
-from sd35_core.schedule import comfy_sigma_table, sigmas_for
+from sd35_core.sampling.schedule import comfy_sigma_table, sigmas_for
 
 
 def _rand(*shape, seed=0):
@@ -130,12 +130,12 @@ def test_a_mask_batch_must_be_one_or_the_latent_batch():
 
 
 def test_a_mask_of_another_size_is_resized_with_a_note(caplog):
-    with caplog.at_level(logging.INFO, logger="sd35_core.mask"):
+    with caplog.at_level(logging.INFO, logger="sd35_core.sampling.mask"):
         out = latent_mask(torch.ones(1, 30, 50), (1, 16, 4, 4))
     assert out.shape == (1, 16, 4, 4) and out.eq(1).all()
     assert "noise_mask of 50x30 resized to the 4x4 latent of a 32x32 image" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="sd35_core.mask"):
+    with caplog.at_level(logging.INFO, logger="sd35_core.sampling.mask"):
         latent_mask(torch.ones(1, 32, 32), (1, 16, 4, 4))
         latent_mask(torch.ones(1, 4, 4), (1, 16, 4, 4))
     assert "resized" not in caplog.text  # the image's own size and the latent's size are the normal cases

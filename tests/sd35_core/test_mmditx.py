@@ -8,10 +8,11 @@ import torch
 from diffusers import SD3Transformer2DModel
 
 from bench.diffusers_convert import to_diffusers  # our (official) keys -> diffusers'; every key used
-from sd35_core import ops
-from sd35_core.checkpoint import CheckpointError, DTypePolicy, load_weights, open_safetensors
-from sd35_core.mmditx import JointState, MMDiTConfig, MMDiTX
-from sd35_core.tiny import randomize_, save_state
+from sd35_core.errors import CheckpointError
+from sd35_core.loading.checkpoint import DTypePolicy, load_weights, open_safetensors
+from sd35_core.loading.tiny import randomize_, save_state
+from sd35_core.models import ops
+from sd35_core.models.mmditx import JointState, MMDiTConfig, MMDiTX
 
 _COMMON = dict(
     patch_size=2,

@@ -4,10 +4,11 @@ instead of a silent black image."""
 import pytest
 import torch
 
-from sd35_core.numerics import NonFiniteError, has_non_finite, weights_label
-from sd35_core.pipeline import txt2img
-from sd35_core.request import SampleRequest
-from sd35_core.tiny import tiny_mmdit, tiny_vae
+from sd35_core.errors import NonFiniteError
+from sd35_core.loading.tiny import tiny_mmdit, tiny_vae
+from sd35_core.models.numerics import has_non_finite, weights_label
+from sd35_core.sampling.pipeline import txt2img
+from sd35_core.sampling.request import SampleRequest
 
 from .sampling_common import cond
 

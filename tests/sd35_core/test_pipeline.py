@@ -14,12 +14,12 @@ import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
-from sd35_core.guidance import SkipLayerGuidance
-from sd35_core.latent import SD3_LATENT_SCALE, SD3_LATENT_SHIFT
-from sd35_core.pipeline import Interrupted, img2img, make_noise, txt2img
-from sd35_core.request import SampleRequest
-from sd35_core.samplers import SAMPLERS, StepInfo
-from sd35_core.schedule import SCHEDULES, reference_sigmas, sigmas_for
+from sd35_core.errors import Interrupted
+from sd35_core.models.latent import SD3_LATENT_SCALE, SD3_LATENT_SHIFT
+from sd35_core.sampling.pipeline import img2img, make_noise, txt2img
+from sd35_core.sampling.request import SampleRequest, SkipLayerGuidance
+from sd35_core.sampling.samplers import SAMPLERS, StepInfo
+from sd35_core.sampling.schedule import SCHEDULES, reference_sigmas, sigmas_for
 
 from .sampling_common import (
     RefBaseModel,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sd35_core.preprocess import (
+from sd35_core.image.preprocess import (
     BLUR_KERNEL,
     CANNY_HIGH,
     CANNY_LOW,

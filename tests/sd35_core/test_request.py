@@ -5,11 +5,12 @@ from dataclasses import FrozenInstanceError, replace
 import pytest
 import torch
 
-from sd35_core.controlnet import ControlHint
-from sd35_core.guidance import Guider
-from sd35_core.pipeline import img2img, sample, txt2img
-from sd35_core.request import MAX_SEED, SampleRequest, SkipLayerGuidance
-from sd35_core.schedule import sigmas_for
+from sd35_core.sampling.control import ControlHint
+from sd35_core.sampling.guidance import Guider
+from sd35_core.sampling.pipeline import img2img, sample, txt2img
+from sd35_core.sampling.request import SampleRequest, SkipLayerGuidance
+from sd35_core.sampling.schedule import sigmas_for
+from sd35_core.validation import MAX_SEED
 
 from .sampling_common import cond, controlnet, latent, model
 
@@ -26,7 +27,7 @@ BASE = dict(steps=4, cfg=4.0, sampler="euler", shift=3.0, seed=1)
         (dict(sampler="ddim"), "sampler: expected one of"),
         (dict(schedule="karras"), "schedule: expected one of"),
         (dict(shift=-1.0), "shift: expected a finite number > 0, got -1.0"),
-        (dict(denoise=0.0), r"denoise: expected a number in \(0, 1\], got 0.0"),
+        (dict(denoise=0.0), r"denoise: expected a finite number in \(0, 1\], got 0.0"),
         (dict(seed=MAX_SEED + 1), f"seed: expected a whole number in 0..{MAX_SEED}"),
         (dict(seed=1.0), "seed: expected a whole number"),
         (dict(seed_mode="random"), "seed_mode: expected one of batch, per_image, got 'random'"),

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from sd35_core.samplers import (
+from sd35_core.sampling.samplers import (
     SAMPLERS,
     STOCHASTIC_SAMPLERS,
     StepInfo,
@@ -20,7 +20,7 @@ from sd35_core.samplers import (
     sample_dpmpp_2m,
     sample_euler,
 )
-from sd35_core.schedule import flow_sigma, reference_sigmas
+from sd35_core.sampling.schedule import flow_sigma, reference_sigmas
 
 from .sampling_common import ref_sample_dpmpp_2m, ref_sample_euler
 

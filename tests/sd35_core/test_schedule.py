@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from sd35_core.schedule import (
+from sd35_core.sampling.schedule import (
     SCHEDULES,
     beta_cdf,
     beta_ppf,

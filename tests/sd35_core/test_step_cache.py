@@ -4,11 +4,11 @@ ControlNets in the same decision as cond and uncond."""
 import pytest
 import torch
 
-from sd35_core.controlnet import ControlHint
-from sd35_core.guidance import GuidanceStats
-from sd35_core.pipeline import sample
-from sd35_core.request import SampleRequest, SkipLayerGuidance
-from sd35_core.step_cache import relative_change
+from sd35_core.sampling.control import ControlHint
+from sd35_core.sampling.guidance import GuidanceStats
+from sd35_core.sampling.pipeline import sample
+from sd35_core.sampling.request import SampleRequest, SkipLayerGuidance
+from sd35_core.sampling.step_cache import relative_change
 from tests.sd35_core.sampling_common import cond, controlnet, latent, model
 
 STEPS = 12

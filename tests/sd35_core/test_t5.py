@@ -5,9 +5,10 @@ import torch
 import transformers
 from transformers.models.t5.modeling_t5 import T5Attention as HFT5Attention
 
-from sd35_core.checkpoint import CheckpointError, DTypePolicy, load_weights, open_safetensors
-from sd35_core.t5 import T5Config, T5Encoder, relative_position_bucket
-from sd35_core.tiny import randomize_, save_state
+from sd35_core.errors import CheckpointError
+from sd35_core.loading.checkpoint import DTypePolicy, load_weights, open_safetensors
+from sd35_core.loading.tiny import randomize_, save_state
+from sd35_core.models.t5 import T5Config, T5Encoder, relative_position_bucket
 
 TINY = T5Config(vocab_size=32128, d_model=256, d_kv=64, num_heads=4, d_ff=512, num_layers=2)
 XXL = T5Config(vocab_size=32128, d_model=4096, d_kv=64, num_heads=64, d_ff=10240, num_layers=24)

@@ -9,9 +9,9 @@ import torch
 import transformers
 from transformers import CLIPTokenizer, T5TokenizerFast
 
-from sd35_core import tiny
-from sd35_core.text_encoder import SD3TextEncoder
-from sd35_core.tokenization import SD3Tokenizer
+from sd35_core.loading import tiny
+from sd35_core.text.encoder import SD3TextEncoder
+from sd35_core.text.tokenization import SD3Tokenizer
 
 CONTEXT = 256  # the tiny T5 width
 START, END = 49406, 49407

@@ -4,9 +4,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sd35_core import loader, tiny
-from sd35_core.checkpoint import open_safetensors
-from sd35_core.text_roles import TextEncoderRoleError, check_text_encoder_files, identify, role_default
+from sd35_core.loading import loader, tiny
+from sd35_core.loading.checkpoint import open_safetensors
+from sd35_core.loading.text_roles import TextEncoderRoleError, check_text_encoder_files, identify, role_default
 
 
 def _released_width_clip_header(path, width: int, projection: bool) -> str:

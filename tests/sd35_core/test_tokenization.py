@@ -7,8 +7,8 @@ import shutil
 import pytest
 from transformers import CLIPTokenizer, T5TokenizerFast
 
-from sd35_core import tokenization
-from sd35_core.tokenization import SD3Tokenizer, find_tokenizer_files, weighted_words
+from sd35_core.text import tokenization
+from sd35_core.text.tokenization import SD3Tokenizer, find_tokenizer_files, weighted_words
 
 VOCAB = (
     "a photo of the cat dog astronaut riding horse on moon highly detailed painting by artist, cinematic "

@@ -4,9 +4,9 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from sd35_core.checkpoint import CheckpointError
-from sd35_core.tiny import randomize_
-from sd35_core.vae import VAE, VAEConfig, image_to_vae_input, vae_output_to_image
+from sd35_core.errors import CheckpointError
+from sd35_core.loading.tiny import randomize_
+from sd35_core.models.vae import VAE, VAEConfig, image_to_vae_input, vae_output_to_image
 
 TINY = VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, z_channels=16)
 # Widening levels give the res blocks their 1x1 shortcut convolutions, which TINY never builds.

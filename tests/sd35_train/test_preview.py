@@ -2,7 +2,7 @@
 
 import torch
 
-from sd35_core.latent import latent_to_rgb_preview
+from sd35_core.models.latent import latent_to_rgb_preview
 from sd35_train.preview import fit_latent_preview
 
 

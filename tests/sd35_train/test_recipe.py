@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 
-from sd35_core.bundled import CHECKPOINT_NAME, CONTROLNET_NAME
-from sd35_core.loader import load_checkpoint, load_controlnet
-from sd35_core.tokenization import SD3Tokenizer, find_tokenizer_files
+from sd35_core.loading.loader import load_checkpoint, load_controlnet
+from sd35_core.text.tokenization import SD3Tokenizer, find_tokenizer_files
+from sd35_train.bundled import CHECKPOINT_NAME, CONTROLNET_NAME
 from sd35_train.config import MICRO
 from sd35_train.flow import FlowData, new_mmdit, train_mmdit
 from sd35_train.recipe import run_recipe

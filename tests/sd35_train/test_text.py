@@ -1,6 +1,6 @@
 import torch
 
-from sd35_core.text_encoder import SD3TextEncoder
+from sd35_core.text.encoder import SD3TextEncoder
 from sd35_train.text import build_text_encoders, encode_captions, load_tokenizer, text_config_for, write_tokenizers
 
 

@@ -244,7 +244,7 @@ def test_ui_workflow_is_laid_out_for_a_person(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_sampler_has_the_recommended_settings(name, specs):
-    from sd35_core.defaults import defaults_for
+    from sd35_core.sampling.defaults import defaults_for
 
     variant, slg = WORKFLOW_MODELS[name]
     settings = defaults_for(variant, slg=slg is True)

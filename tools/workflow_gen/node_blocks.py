@@ -9,7 +9,7 @@ from .inputs import CHECKPOINTS, SEED, TEXT_ENCODERS
 from .layout import HEIGHTS, NEGATIVE_COLORS, NOTE_COLORS, POSITIVE_COLORS, Column
 
 if TYPE_CHECKING:  # only for the hints: at run time the table comes from the imported pack (pack.defaults_table)
-    from sd35_core.defaults import VariantDefaults
+    from sd35_core.sampling.defaults import VariantDefaults
 
 
 def add_loaders(col: Column, variant: str) -> tuple[Node, Node]:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from .inputs import CHECKPOINTS, CONTROLNET_REPO, TEXT_ENCODERS, TINY_CHECKPOINT
 
 if TYPE_CHECKING:  # only for the hints: at run time the table comes from the imported pack (pack.defaults_table)
-    from sd35_core.defaults import VariantDefaults
+    from sd35_core.sampling.defaults import VariantDefaults
 
 
 def settings_text(settings: VariantDefaults, slg: bool) -> str:

@@ -31,6 +31,6 @@ def load_pack() -> ModuleType:
 
 
 def defaults_table() -> dict:
-    """The recommended settings (``sd35_core.defaults.DEFAULTS``), from the imported pack."""
+    """The recommended settings (``sd35_core.sampling.defaults.DEFAULTS``), from the imported pack."""
     load_pack()
-    return importlib.import_module(f"{PACK_NAME}.sd35_core.defaults").DEFAULTS
+    return importlib.import_module(f"{PACK_NAME}.sd35_core.sampling.defaults").DEFAULTS

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from sd35_core.gguf.dequant import DEQUANTIZERS, dequantize
-from sd35_core.gguf.quant_types import BY_NAME, SUPPORTED, TYPES
+from sd35_core.quant.dequant import DEQUANTIZERS, dequantize
+from sd35_core.quant.quant_types import BY_NAME, SUPPORTED, TYPES
 
 # The types the gguf package can also quantize (its K-quants are dequantize-only).
 QUANTIZABLE = ("BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")

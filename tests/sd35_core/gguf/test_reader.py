@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from bench.gguf_write import patch_tensor_type
-from sd35_core.checkpoint import CheckpointError
-from sd35_core.gguf.reader import GGUFFile, is_gguf
-from sd35_core.gguf.tensor import QuantizedTensor
+from sd35_core.errors import CheckpointError
+from sd35_core.loading.gguf.reader import GGUFFile, is_gguf
+from sd35_core.quant.tensor import QuantizedTensor
 
 
 def _write(path, tensors, *, alignment=None, kv=None, endianess=gguf.GGUFEndian.LITTLE, arch="sd3"):

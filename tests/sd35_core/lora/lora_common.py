@@ -11,8 +11,8 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from bench.diffusers_convert import diffusers_model, to_diffusers
-from sd35_core.mmditx import MMDiTX
-from sd35_core.tiny import mmdit_config, randomize_
+from sd35_core.loading.tiny import mmdit_config, randomize_
+from sd35_core.models.mmditx import MMDiTX
 
 # Every linear / conv module of SD3Transformer2DModel that diffusers' SD3 LoRA loading patches.
 TRANSFORMER_TARGETS = [

@@ -9,10 +9,10 @@ import torch
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from sd35_core.checkpoint import DTypePolicy, load_weights, open_safetensors
-from sd35_core.lora import applied, load_lora
-from sd35_core.mmditx import MMDiTX
-from sd35_core.tiny import save_state
+from sd35_core.loading.checkpoint import DTypePolicy, load_weights, open_safetensors
+from sd35_core.loading.lora import applied, load_lora
+from sd35_core.loading.tiny import save_state
+from sd35_core.models.mmditx import MMDiTX
 
 from .lora_common import add_peft_lora, inputs, rel_err, save_diffusers_lora, tiny_pair
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sd35_core.lora import applied, load_lora
+from sd35_core.loading.lora import applied, load_lora
 
 from .lora_common import (
     add_peft_lora,

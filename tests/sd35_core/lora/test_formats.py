@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sd35_core.lora import applied, load_lora
-from sd35_core.lora.formats import diffusers_names
-from sd35_core.lora.patches import swap_halves
-from sd35_core.tiny import tiny_clip, tiny_t5
+from sd35_core.loading.lora import applied, load_lora
+from sd35_core.loading.lora.formats import diffusers_names
+from sd35_core.loading.lora.patches import swap_halves
+from sd35_core.loading.tiny import tiny_clip, tiny_t5
 
 from .lora_common import add_peft_lora, save_diffusers_lora, tiny_pair
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from bench.gguf_write import dequantized_state, write_gguf
-from sd35_core import loader
-from sd35_core.lora import applied, load_lora
-from sd35_core.tiny import save_state
+from sd35_core.loading import loader
+from sd35_core.loading.lora import applied, load_lora
+from sd35_core.loading.tiny import save_state
 
 from .lora_common import add_peft_lora, inputs, rel_err, save_diffusers_lora, tiny_pair
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sd35_core.lora import LoraError, load_lora, read_lora
-from sd35_core.tiny import tiny_clip, tiny_mmdit
+from sd35_core.loading.lora import LoraError, load_lora, read_lora
+from sd35_core.loading.tiny import tiny_clip, tiny_mmdit
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_partial_matches_give_one_warning_with_count_and_names(tmp_path, medium,
     path = _file(tmp_path, {"lora_unet_joint_blocks_0_x_block_attn_proj": (128, 128),
                             "lora_unet_joint_blocks_7_x_block_attn_proj": (128, 128),
                             "lora_unet_something_else": (4, 4)})
-    with caplog.at_level(logging.WARNING, logger="sd35_core.lora.loading"):
+    with caplog.at_level(logging.WARNING, logger="sd35_core.loading.lora.loading"):
         lora = load_lora(path, mmdit=medium)
     assert list(lora.model.patches) == ["joint_blocks.0.x_block.attn.proj.weight"]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -73,7 +73,7 @@ def test_partial_matches_give_one_warning_with_count_and_names(tmp_path, medium,
 def test_text_encoder_modules_without_a_clip_are_skipped_not_errors(tmp_path, medium, caplog):
     path = _file(tmp_path, {"lora_unet_joint_blocks_0_x_block_attn_proj": (128, 128),
                             "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (64, 64)})
-    with caplog.at_level(logging.INFO, logger="sd35_core.lora.loading"):
+    with caplog.at_level(logging.INFO, logger="sd35_core.loading.lora.loading"):
         lora = load_lora(path, mmdit=medium)
     assert lora.clip is None and len(lora.model) == 1
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

@@ -8,10 +8,10 @@ import torch
 import transformers
 from peft import LoraConfig, inject_adapter_in_model
 
-from sd35_core.checkpoint import DTypePolicy, load_weights, open_safetensors
-from sd35_core.clip import CLIPConfig, CLIPTextModel
-from sd35_core.lora import applied, load_lora
-from sd35_core.tiny import randomize_, save_state
+from sd35_core.loading.checkpoint import DTypePolicy, load_weights, open_safetensors
+from sd35_core.loading.lora import applied, load_lora
+from sd35_core.loading.tiny import randomize_, save_state
+from sd35_core.models.clip import CLIPConfig, CLIPTextModel
 
 from .lora_common import rel_err, save_diffusers_lora
 

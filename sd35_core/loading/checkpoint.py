@@ -1,0 +1,283 @@
+"""Reading ``.safetensors`` checkpoints: validation, key prefixes, and loading weights into modules.
+
+A tensor already in its storage dtype is a zero-copy view of the memory-mapped file. One that needs a dtype
+conversion is read with plain file reads through a small reusable buffer and converted chunk by chunk
+straight into its final tensor: the file's pages are then never mapped into the process (so they do not
+add to its resident memory on top of the converted weights), and each byte is read and converted once.
+Pickle-based formats are refused: they can run code on load.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ..errors import CheckpointError
+from ..models import ops
+from ..quant.tensor import QuantizedTensor
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+# safetensors dtype names -> torch dtypes (the ones SD3 files use, and a few more)
+FILE_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+# Bytes per read of a converted tensor: large enough that per-call overhead vanishes, small enough to stay
+# in cache between the read and the conversion.
+READ_CHUNK_BYTES = 8 * 2**20
+
+
+def write_safetensors(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> str:
+    """Write ``tensors`` as a ``.safetensors`` file created with the user's umask; returns the path.
+
+    ``safetensors.torch.save_file`` creates its file with mode 0600 whatever the umask, so files a user
+    writes to share (a model set, a saved latent) would be unreadable to the group and others. The bytes
+    are serialised in memory and written through ``open``, which honours the umask like every other tool.
+    """
+    from safetensors.torch import save
+
+    data = save(dict(tensors), metadata=dict(metadata) if metadata else None)
+    path = os.fspath(path)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+@dataclass(frozen=True)
+class DTypePolicy:
+    """Where weights are kept (``storage``) and what arithmetic runs in (``compute``).
+
+    fp8 e4m3fn storage keeps only the large matrices of linear layers in fp8; norms, biases, embeddings
+    and convolutions stay in the compute dtype, where their size does not matter and precision does.
+    ``storage=None`` keeps every tensor as the file stores it (GGUF files: blocks, F16, F32 alike).
+    """
+
+    storage: torch.dtype | None = torch.float32
+    compute: torch.dtype = torch.float32
+
+    @classmethod
+    def named(cls, name: str, device: torch.device | str = "cpu") -> DTypePolicy:
+        """Policy for a user-facing name: ``default``, ``fp32``, ``fp16``, ``bf16`` or ``fp8_e4m3fn``."""
+        name = name.lower()
+        dev = torch.device(device)
+        if name == "default":
+            # Half precision is what the models were trained for; CPUs run bf16 but not fp16 well.
+            name = "bf16" if dev.type != "cpu" else "fp32"
+        table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+        if name in table:
+            return cls(table[name], table[name])
+        if name in ("fp8_e4m3fn", "fp8"):
+            return cls(torch.float8_e4m3fn, torch.bfloat16)
+        raise ValueError(f"weight dtype: expected one of default, fp32, fp16, bf16, fp8_e4m3fn; got {name!r}")
+
+
+class SafetensorsFile:
+    """A validated, memory-mapped ``.safetensors`` file: key shapes without reading data, tensors on demand."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self.name = os.path.basename(self.path)
+        self._header, self.metadata, self._data_start = _read_header(self.path)
+        self._handle = safe_open(self.path, framework="pt", device="cpu")
+        self._buffer: torch.Tensor | None = None
+
+    def keys(self) -> list[str]:
+        return list(self._header)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._header
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._header[key]["shape"])
+
+    def shapes(self, prefix: str = "") -> dict[str, tuple[int, ...]]:
+        """Shapes of every tensor under ``prefix``, keyed with the prefix removed."""
+        n = len(prefix)
+        return {k[n:]: tuple(v["shape"]) for k, v in self._header.items() if k.startswith(prefix)}
+
+    def dtype(self, key: str) -> torch.dtype:
+        name = self._header[key]["dtype"]
+        if name not in FILE_DTYPES:
+            raise self.error(f"tensor '{key}' in a supported dtype ({', '.join(FILE_DTYPES)}); found {name}")
+        return FILE_DTYPES[name]
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """The tensor as stored: a zero-copy view of the memory-mapped file."""
+        return self._handle.get_tensor(key)
+
+    def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
+        """Fill ``out`` (same number of elements, any dtype and device) with tensor ``key``, converting.
+
+        Reads go through one reusable CPU buffer, so converting costs one pass over the file's bytes and
+        no second full-size copy of the tensor.
+        """
+        src_dtype = self.dtype(key)
+        begin, end = self._header[key]["data_offsets"]
+        if out.numel() != math.prod(self.shape(key)):
+            raise ValueError(f"read_into '{key}': {out.numel()} elements in out, {math.prod(self.shape(key))} stored")
+        flat = out.view(-1)
+        item = src_dtype.itemsize
+        step = max(item, READ_CHUNK_BYTES // item * item)
+        if self._buffer is None or self._buffer.numel() < min(step, end - begin):
+            self._buffer = torch.empty(min(step, max(end - begin, item)), dtype=torch.uint8)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self._data_start + begin)
+            pos = begin
+            while pos < end:
+                n = min(step, end - pos)
+                chunk = self._buffer[:n]
+                if f.readinto(memoryview(chunk.numpy())) != n:
+                    raise self.error(f"tensor '{key}' of {end - begin} bytes; the file ended early")
+                first = (pos - begin) // item
+                flat[first : first + n // item].copy_(chunk.view(src_dtype))
+                pos += n
+        return out
+
+    def error(self, expected: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: expected {expected}")
+
+
+def open_safetensors(path: str | os.PathLike) -> SafetensorsFile:
+    """Open and validate a checkpoint, refusing pickles, truncation and anything that is not safetensors."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        if f.read(4) == b"GGUF":
+            raise CheckpointError(
+                f"{path}: expected a .safetensors file; this is a GGUF file, which loads only as an SD3/SD3.5 "
+                "diffusion model (the checkpoint loader); VAEs, text encoders and ControlNets load from .safetensors"
+            )
+    if path.lower().endswith(PICKLE_SUFFIXES):
+        raise CheckpointError(
+            f"{path}: pickle checkpoints ({', '.join(PICKLE_SUFFIXES)}) can run arbitrary code and are not "
+            "loaded; expected a .safetensors file (convert it, or download the .safetensors release)"
+        )
+    return SafetensorsFile(path)
+
+
+def _read_header(path: str) -> tuple[dict, dict, int]:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: expected a .safetensors file; it is {size} bytes, too short")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, 100 * 2**20):
+            raise CheckpointError(f"{path}: expected a .safetensors file; its first bytes are not a safetensors header")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: expected a .safetensors file; its header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: expected a .safetensors file; its header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(
+            f"{path}: file is truncated ({size} bytes, the header describes {8 + n + end}); download it again"
+        )
+    return header, metadata, 8 + n
+
+
+def find_prefix(keys: Iterable[str], marker: str) -> str | None:
+    """The prefix under which ``marker`` (a key suffix that identifies a model part) appears, if any."""
+    best = None
+    for k in keys:
+        if k.endswith(marker):
+            prefix = k[: len(k) - len(marker)]
+            if best is None or len(prefix) < len(best):
+                best = prefix
+    return best
+
+
+def _target_dtype(stored: torch.dtype, name: str, policy: DTypePolicy, fp8_keys: set[str]) -> torch.dtype:
+    if not stored.is_floating_point:
+        return stored
+    if policy.storage == torch.float8_e4m3fn and name not in fp8_keys:
+        return policy.compute
+    return policy.storage
+
+
+def _safetensors_weight(file: SafetensorsFile, key: str, dtype: torch.dtype, device) -> torch.Tensor:
+    if dtype == file.dtype(key) and torch.device(device).type == "cpu":
+        return file.tensor(key)  # zero-copy view of the mapped file
+    return file.read_into(key, torch.empty(file.shape(key), dtype=dtype, device=device))
+
+
+def load_weights(
+    module: nn.Module,
+    file: SafetensorsFile,
+    prefix: str,
+    policy: DTypePolicy,
+    device: torch.device | str = "cpu",
+    key_map: Mapping[str, str] | None = None,
+    optional: Iterable[str] = (),
+) -> nn.Module:
+    """Fill ``module`` (built on the meta device or anywhere) with the tensors under ``prefix``.
+
+    ``file`` is a :class:`SafetensorsFile` or a GGUF file with the same interface; GGUF-quantized linear
+    weights stay quantized (see :func:`ops.store_quantized_weight`), whatever ``policy.storage`` says.
+    ``key_map`` renames file keys (without prefix) to module keys. Module keys listed in ``optional`` may
+    be absent from the file and keep their constructed values (buffers such as constant position grids).
+    A missing or misshaped tensor is a :class:`CheckpointError` naming the file and the key.
+    """
+    key_map = dict(key_map or {})
+    fp8_keys = (
+        {f"{name}.weight" for name, m in module.named_modules() if isinstance(m, ops.Linear)}
+        if policy.storage == torch.float8_e4m3fn
+        else set()
+    )
+    expected = dict(module.state_dict(keep_vars=True))
+    file_keys = {key_map.get(k, k): prefix + k for k in file.shapes(prefix)}
+    state: dict[str, torch.Tensor] = {}
+    optional = set(optional)
+    for name, target in expected.items():
+        src = file_keys.get(name)
+        if src is None:
+            if name in optional:
+                continue
+            raise file.error(f"tensor '{prefix}{name}' for {type(module).__name__}; it is missing")
+        if file.shape(src) != tuple(target.shape):
+            raise file.error(
+                f"'{src}' of shape {tuple(target.shape)} for {type(module).__name__}; found {file.shape(src)}"
+            )
+        if isinstance(file, SafetensorsFile):
+            state[name] = _safetensors_weight(file, src, _target_dtype(file.dtype(src), name, policy, fp8_keys), device)
+            continue
+        t = file.tensor(src)
+        if isinstance(t, QuantizedTensor):
+            layer_name, _, leaf = name.rpartition(".")
+            layer = module.get_submodule(layer_name)
+            if leaf == "weight" and isinstance(layer, ops.Linear):
+                ops.store_quantized_weight(layer, t.to(device))
+                state[name] = layer.weight
+                continue
+            # Anything else quantized (converters keep such tensors dense; some may not) is small: dense now.
+            t = t.dequantize(policy.compute if policy.storage is None else torch.float32)
+        if t.is_floating_point() and policy.storage is not None:
+            dtype = policy.storage if name in fp8_keys else policy.compute
+            if policy.storage != torch.float8_e4m3fn:
+                dtype = policy.storage
+            t = t.to(dtype=dtype)
+        state[name] = t.to(device)
+    for name in optional - state.keys():
+        t = expected[name]
+        if t.is_meta:
+            raise file.error(f"tensor '{prefix}{name}'; it is missing and has no default")
+        state[name] = t.detach().to(device=device, dtype=policy.compute if t.is_floating_point() else t.dtype)
+    module.load_state_dict(state, strict=True, assign=True)
+    return module.requires_grad_(False).eval()
