@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
             record(f"ray_w{n}", seconds, median_render_s=round(statistics.median(render), 3))
     shutil.rmtree(tmp, ignore_errors=True)
     return {"bench": "batch_ray", "rows": args.rows, "size": args.size, "steps": args.steps,
-            "model": "tiny sd3.5_medium (sd35_core.loading.tiny)", "cpus": os.cpu_count(), "platform": platform.platform(),
+            "model": "tiny sd3.5_medium (sd35_core.loading.tiny)", "cpus": os.cpu_count(),
+            "platform": platform.platform(),
             "results": results}
 
 

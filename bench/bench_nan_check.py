@@ -1,7 +1,8 @@
 """What a load-time NaN check would cost next to the load itself, on a real-size checkpoint.
 
 ``python bench/bench_nan_check.py CHECKPOINT.safetensors [--dtype fp16] [--sample 4096]`` loads the file with
-``sd35_core.loading.loader.load_checkpoint`` (fp16/bf16 storage keeps the tensors zero-copy views of the mapped file), then
+``sd35_core.loading.loader.load_checkpoint`` (fp16/bf16 storage keeps the tensors zero-copy views of the mapped
+file), then
 times :func:`sd35_core.models.numerics.has_non_finite` over the first ``--sample`` values of every floating-point tensor
 of the diffusion model and VAE, and over all of them. Prints one JSON object; write a real-size file with
 ``bench/real_size.py``. The sampling loop's per-step check is what catches NaN weights; a load-time check would be

@@ -26,7 +26,8 @@ def _inputs(cls):
 
 def test_pack_exports_only_the_mappings_and_web_directory(pack):
     public = {k for k in vars(pack) if not k.startswith("_")}
-    assert public - {"nodes", "sd35_core", "sd35_train"} == {"NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"}
+    subpackages = {"nodes", "sd35_core", "sd35_train"}
+    assert public - subpackages == {"NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"}
     assert set(pack.NODE_CLASS_MAPPINGS) == EXPECTED_NODES
     assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == EXPECTED_NODES
     web = os.path.join(os.path.dirname(pack.__file__), pack.WEB_DIRECTORY)
