@@ -34,8 +34,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from sd35_core.loading.loader import load_checkpoint  # noqa: E402
-from sd35_core.sampling.guidance import CondEntry, GuidanceStats  # noqa: E402
-from sd35_core.sampling.pipeline import txt2img  # noqa: E402
+from sd35_core.sampling.guidance import CondEntry  # noqa: E402
+from sd35_core.sampling.passes import PassStats  # noqa: E402
+from sd35_core.sampling.pipeline import RunHooks, txt2img  # noqa: E402
 from sd35_core.sampling.request import SampleRequest, SkipLayerGuidance  # noqa: E402
 
 
@@ -128,9 +129,10 @@ def main(argv=None) -> int:
             for threshold in rows:
                 request = SampleRequest(steps=args.steps, cfg=args.cfg, sampler=args.sampler, shift=args.shift,
                                         seed=seed, slg=slg, cache_threshold=threshold)
-                stats = GuidanceStats()
+                stats = PassStats()
                 t0 = time.perf_counter()
-                latent = txt2img(model, pos, neg, request, width=args.size, height=args.size, stats=stats)
+                latent = txt2img(model, pos, neg, request, width=args.size, height=args.size,
+                                 hooks=RunHooks(stats=stats))
                 seconds = time.perf_counter() - t0
                 image = _decode(vae, latent)
                 row = {"seconds": seconds, "steps_reused": stats.cache_hits}

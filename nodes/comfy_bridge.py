@@ -214,12 +214,11 @@ def inspect_native(patcher, node: str) -> NativeModel:
     return NativeModel(patcher, config, float(sampling.shift))
 
 
-def load_native(native: NativeModel, extra: list, memory_required: int) -> tuple[MMDiTX, str]:
+def load_native(native: NativeModel, extra: list, memory_required: int) -> MMDiTX | NativePasses:
     """Load ``native`` (and the ``extra`` patchers used with it) the way ComfyUI's samplers do, with its
-    weight and object patches applied, and return what our sampler runs plus which path that is:
-    ``"view"`` (our MMDiT-X over the native tensors, exact and with the shared skip-layer prefix),
-    ``"ours"`` (a MODEL made by SD35 Model to ComfyUI MODEL: our MMDiT-X itself) or ``"native"``
-    (:class:`NativePasses`: whole native passes, for block patches and weight types our layers cannot run)."""
+    weight and object patches applied, and return what our sampler runs: our MMDiT-X over the native tensors
+    (exact, block by block), our MMDiT-X itself (a MODEL made by SD35 Model to ComfyUI MODEL), or
+    :class:`NativePasses` (whole native passes, for block patches and weight types our layers cannot run)."""
     patcher = native.patcher
     mm.load_models_gpu([patcher, *extra], memory_required=memory_required)
     diffusion = patcher.model.diffusion_model
@@ -233,17 +232,17 @@ def load_native(native: NativeModel, extra: list, memory_required: int) -> tuple
     elif isinstance(diffusion, ComfyMMDiT):
         # Our own model come back through ComfyUI (e.g. after its LoraLoader): its patches are in place.
         log.info("sd35: our %s model sampled after ComfyUI's patches", native.config.variant)
-        return diffusion.mmdit, "ours"
+        return diffusion.mmdit
     else:
         view = mmdit_view(diffusion, native.compute_dtype)
         if isinstance(view, ViewRefusal):
             reason = view.reason
         else:
             log.info("sd35: native %s model sampled by our MMDiT-X over its own weights", native.config.variant)
-            return view, "view"
+            return view
     log.info("sd35: native %s model run through its own forward pass per model call (%s); skip-layer "
              "guidance runs as a separate pass", native.config.variant, reason)
-    return NativePasses(diffusion, native.config, native.compute_dtype, options), "native"
+    return NativePasses(diffusion, native.config, native.compute_dtype, options)
 
 
 # ----------------------------------------------------------------------------------------------------- VAE

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..sd35_core.errors import CheckpointError
 from ..sd35_core.models.mmditx import HEAD_DIM, MMDiTConfig, MMDiTX
+from ..sd35_core.sampling.passes import WholePasses
 
 log = logging.getLogger(__name__)
 
@@ -201,33 +202,36 @@ def _adopt(view: nn.Module, source: nn.Module) -> None:
 
 # ------------------------------------------------------------------------------------ whole native passes
 
-class NativePasses(MMDiTX):
-    """Our MMDiT-X interface over a foreign SD3 diffusion model that runs whole, one pass per call.
+class NativePasses(WholePasses):
+    """Whole passes of a foreign SD3 diffusion model (ComfyUI's MMDiT), one per model call.
 
-    ``forward`` calls ``native(x, timesteps, context=, y=, control=, transformer_options=)`` with the
+    :meth:`forward` calls ``native(x, timesteps, context=, y=, control=, transformer_options=)`` with the
     native model's own ``transformer_options``; skipped layers become ``patches_replace`` skip patches
     (ComfyUI's skip-layer guidance) and block residuals its ``control["output"]``. ControlNets get the
-    native patch embedding. The block-level API (the shared skip-layer prefix) is not available: the
-    sampler runs the skip pass separately.
+    native patch embedding. Being whole passes, the skip pass always runs separately and the step cache is
+    refused (see :class:`~..sd35_core.sampling.passes.WholePasses`).
     """
 
     def __init__(self, native: nn.Module, config: MMDiTConfig, compute_dtype: torch.dtype,
                  transformer_options: Mapping | None = None):
-        with torch.device("meta"):
-            super().__init__(config)
-        object.__setattr__(self, "native", native)
-        self.compute_dtype = compute_dtype
+        super().__init__(native)
+        self._config = config
+        self._compute_dtype = compute_dtype
         self.transformer_options = dict(transformer_options or {})
-        # The native modules answer what the sampler and the ControlNets ask of a model.
-        del self.x_embedder, self.t_embedder, self.joint_blocks, self.final_layer
-        self.y_embedder = native.y_embedder
-        self.context_embedder = native.context_embedder
+
+    @property
+    def config(self) -> MMDiTConfig:
+        return self._config
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self._compute_dtype
 
     def patch_embed(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         self.config.check_image_size(w * 8, h * 8)
-        tokens = self.native.x_embedder(x.to(self.compute_dtype))
-        return self.native.cropped_pos_embed((h, w), device=x.device).to(tokens.dtype) + tokens
+        tokens = self.model.x_embedder(x.to(self.compute_dtype))
+        return self.model.cropped_pos_embed((h, w), device=x.device).to(tokens.dtype) + tokens
 
     def _options(self, skip_layers: Sequence[int]) -> dict:
         options = dict(self.transformer_options)
@@ -239,17 +243,12 @@ class NativePasses(MMDiTX):
             options["patches_replace"] = patches
         return options
 
-    def forward(self, x, timestep, context, y, skip_layers=(), block_residuals=None) -> torch.Tensor:
+    def forward(self, x, timestep, context, pooled, skip_layers, residuals) -> torch.Tensor:
         dtype = self.compute_dtype
         t = torch.as_tensor(timestep, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
         control = None
-        if block_residuals is not None:
-            control = {"output": [None if r is None else r.to(dtype) for r in block_residuals]}
-        out = self.native(x.to(dtype), t, context=context.to(dtype), y=y.to(dtype), control=control,
-                          transformer_options=self._options(tuple(skip_layers)))
+        if residuals is not None:
+            control = {"output": [None if r is None else r.to(dtype) for r in residuals]}
+        out = self.model(x.to(dtype), t, context=context.to(dtype), y=pooled.to(dtype), control=control,
+                         transformer_options=self._options(tuple(skip_layers)))
         return out.float()
-
-    def embed(self, *args, **kwargs):
-        raise NotImplementedError("the native model runs whole passes; sample with share_slg_prefix=False")
-
-    run_blocks = unembed = embed

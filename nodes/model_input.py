@@ -15,7 +15,6 @@ from collections.abc import Sequence
 
 import torch
 
-from ..sd35_core.models.mmditx import MMDiTX
 from ..sd35_core.sampling.defaults import defaults_for
 from . import host
 from .objects import SD35VAE, SD35Model, require_type
@@ -48,14 +47,13 @@ def default_shift(model) -> float:
     return model.shift
 
 
-def load_for_sampling(model, extra: Sequence[host.ManagedModule], memory_required: int) -> tuple[MMDiTX, bool]:
-    """Load ``model`` with the ``extra`` modules used beside it; return the MMDiT-X to sample and whether it
-    has the block API the shared skip-layer prefix needs."""
+def load_for_sampling(model, extra: Sequence[host.ManagedModule], memory_required: int):
+    """Load ``model`` with the ``extra`` modules used beside it; return what the sampler runs: an MMDiT-X, or
+    whole passes of a native model (``sd35_core.sampling.passes.WholePasses``)."""
     if isinstance(model, SD35Model):
         model.managed.load(extra=extra, memory_required=memory_required)
-        return model.mmdit, True
-    runner, path = host.comfy_bridge().load_native(model, [m.patcher for m in extra], memory_required)
-    return runner, path != "native"
+        return model.mmdit
+    return host.comfy_bridge().load_native(model, [m.patcher for m in extra], memory_required)
 
 
 def compute_dtype(model) -> torch.dtype:

@@ -211,25 +211,20 @@ class SD35Sampler:
                                 skip_uncond_at_cfg1=True, noise_mask=noise_mask, mask_mode=mask_mode,
                                 cache_threshold=cache_threshold)
         rows = 2 + (1 if slg is not None else 0)
-        runner, has_blocks = load_for_sampling(model, [s.controlnet.managed for s in specs],
-                                               model_memory_estimate(model, samples, rows))
-        if not has_blocks:  # a native model running whole passes: no shared SLG prefix, no block-level cache
-            if request.cache_threshold > 0:
-                log.warning("sd35: the step cache needs the block-level model API; it is off for this native MODEL, "
-                            "which runs its own forward pass")
-            request = replace(request, share_slg_prefix=False, cache_threshold=0.0)
+        runner = load_for_sampling(model, [s.controlnet.managed for s in specs],
+                                   model_memory_estimate(model, samples, rows))
         progress = host.Progress(steps, model.device, model.preview)
 
         def callback(info):
             progress.update(info.index, info.total, info.denoised)
 
-        hooks = dict(callback=callback, should_cancel=host.check_interrupt)
+        hooks = pipeline.RunHooks(callback=callback, should_cancel=host.check_interrupt)
         with _with_loras(model, runner):
             if request.denoise == 1.0 and request.noise_mask is None:
                 b, _, h, w = samples.shape
-                out = pipeline.txt2img(runner, pos, neg, request, width=w * 8, height=h * 8, batch_size=b, **hooks)
+                out = pipeline.txt2img(runner, pos, neg, request, width=w * 8, height=h * 8, batch_size=b, hooks=hooks)
             else:  # an image to start from, or a noise mask that keeps part of the latent
-                out = pipeline.img2img(runner, pos, neg, request, init_latent=samples, **hooks)
+                out = pipeline.img2img(runner, pos, neg, request, init_latent=samples, hooks=hooks)
         result = dict(latent)  # the noise mask stays on the latent, as ComfyUI's KSampler leaves it
         result["samples"] = out.to(device="cpu", dtype=torch.float32)
         return (result,)

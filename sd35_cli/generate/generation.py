@@ -120,19 +120,21 @@ def build_request(opts: GenerateOptions, settings: Settings, init: torch.Tensor 
 
 
 def sample_latent(loaded: LoadedModels, opts: GenerateOptions, request, positive, negative,
-                  init: torch.Tensor | None, callback: Callable | None = None, stats=None) -> torch.Tensor:
-    """Sample one image's latent (raw VAE space, CPU float32): text-to-image, or image-to-image from ``init``."""
+                  init: torch.Tensor | None, hooks=None) -> torch.Tensor:
+    """Sample one image's latent (raw VAE space, CPU float32): text-to-image, or image-to-image from ``init``;
+    ``hooks`` a :class:`sd35_core.sampling.pipeline.RunHooks` or ``None``."""
     from sd35_core.loading.lora import applied
-    from sd35_core.sampling.pipeline import img2img, txt2img
+    from sd35_core.sampling.pipeline import NO_HOOKS, img2img, txt2img
+
+    hooks = hooks or NO_HOOKS
 
     model = loaded.model
     with applied(model.mmdit, loaded.model_loras, backup_device="cpu"):  # backups off the GPU
         if init is None:
             latent = txt2img(model.mmdit, positive, negative, request, width=opts.width, height=opts.height,
-                             callback=callback, stats=stats)
+                             hooks=hooks)
         else:
-            latent = img2img(model.mmdit, positive, negative, request, init_latent=init, callback=callback,
-                             stats=stats)
+            latent = img2img(model.mmdit, positive, negative, request, init_latent=init, hooks=hooks)
     if latent.device.type == "cuda":
         torch.cuda.synchronize(latent.device)
     return latent.float().cpu()
@@ -166,7 +168,8 @@ def generate(opts: GenerateOptions, *, log: TextIO | None = None, now: datetime.
     Progress and messages go to ``log`` (default stderr); ``quiet`` keeps only the progress bar and notes.
     ``loaded`` reuses models loaded by :func:`load_models` with the same options.
     """
-    from sd35_core.sampling.guidance import GuidanceStats
+    from sd35_core.sampling.passes import PassStats
+    from sd35_core.sampling.pipeline import RunHooks
 
     log = log if log is not None else sys.stderr
     t_start = time.perf_counter()
@@ -216,7 +219,7 @@ def generate(opts: GenerateOptions, *, log: TextIO | None = None, now: datetime.
     files: list[str] = []
     latents: list[torch.Tensor] = []
     steps_run = 0
-    stats = GuidanceStats()  # over all images
+    stats = PassStats()  # over all images
     seconds.setdefault("sample", 0.0)
     seconds.setdefault("decode", 0.0)
     for i, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
@@ -233,7 +236,7 @@ def generate(opts: GenerateOptions, *, log: TextIO | None = None, now: datetime.
             bar.step_callback(info)
 
         t = time.perf_counter()
-        latent = sample_latent(loaded, opts, request, positive, negative, init, on_step, stats)
+        latent = sample_latent(loaded, opts, request, positive, negative, init, RunHooks(callback=on_step, stats=stats))
         if i == 0 and step_ends:
             # The first step compiles (with --compile) or warms caches: reported apart from the rest.
             seconds["first_step"] = step_ends[0] - t

@@ -22,7 +22,7 @@ Stability reference's ``CFGDenoiser`` / ``SkipLayerCFGDenoiser`` compute:
 Beyond the reference, the skip-layer pass shares the work it has in common with the positive half of
 the CFG batch: the blocks before the first skipped one see the same input, timestep and conditioning,
 so the batch runs them once, the positive rows are forked there, and both branches finish from that
-block (:meth:`Guider.run_with_skip`). Without ControlNet residuals this equals the separate pass up
+block (:class:`~.passes.ModelPasses`). Without ControlNet residuals this equals the separate pass up
 to float round-off from the different batch sizes; with residuals the branches' prefixes would differ
 (the reference's skip pass has none), so the separate pass is used.
 
@@ -44,11 +44,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..validation import check_finite
-from .control import controlnet_residuals, expand_residuals
+from .passes import ModelPasses, PassStats, RowBatch, WholePasses, as_passes
 from .request import SampleRequest
-from .request import SkipLayerGuidance as SkipLayerGuidance  # its home is the request; re-exported for importers
 from .schedule import percent_to_sigma
-from .step_cache import GroupBatch, StepCache
+from .step_cache import StepCache
 
 if TYPE_CHECKING:
     from ..models.mmditx import MMDiTX
@@ -107,17 +106,6 @@ class _Job:
     entry: CondEntry
 
 
-@dataclass
-class GuidanceStats:
-    """Counts of model rows evaluated, for tests and benchmarks."""
-
-    calls: int = 0
-    shared_prefix_steps: int = 0
-    separate_skip_steps: int = 0
-    row_blocks: int = 0  # joint-block evaluations times batch rows
-    cache_hits: int = 0  # steps whose blocks after the first were reused from the step cache
-
-
 class Guider:
     """The guided denoiser ``guider(x, sigma_batch, step_index) -> denoised`` (see module doc).
 
@@ -131,36 +119,44 @@ class Guider:
 
     def __init__(
         self,
-        model: MMDiTX,
+        model: MMDiTX | ModelPasses | WholePasses,
         positive: CondEntry | Sequence[CondEntry],
         negative: CondEntry | Sequence[CondEntry],
         request: SampleRequest,
     ) -> None:
         if not isinstance(request, SampleRequest):
             raise ValueError(f"request: expected a SampleRequest, got {type(request).__name__}")
-        self.model = model
+        self.passes = as_passes(model, request.share_slg_prefix)
         self.request = request
         if request.slg is not None:
-            request.slg.check_depth(model.config.depth)
+            request.slg.check_depth(self.passes.config.depth)
         self.use_uncond = not (request.skip_uncond_at_cfg1 and request.cfg == 1.0)
         self.positive = self._prepare("positive", positive)
         self.negative = self._prepare("negative", negative)
-        self.stats = GuidanceStats()
         self._warned_empty = False
         self.cache = None
         if request.cache_threshold > 0:
-            self.cache = StepCache(request.cache_threshold, last_step=len(request.sigmas()) - 2)
+            if not self.passes.blockwise:
+                raise ValueError("cache_threshold: the step cache runs joint block 0 on its own, and this model "
+                                 "only runs whole passes (a ComfyUI MODEL on its own forward); set it to 0")
+            self.cache = StepCache(self.passes, request.cache_threshold, last_step=len(request.sigmas()) - 2)
+
+    @property
+    def stats(self) -> PassStats:
+        """What the model computed so far (shared with the step cache)."""
+        return self.passes.stats
+
+    @stats.setter
+    def stats(self, stats: PassStats) -> None:
+        self.passes.stats = stats
 
     # ------------------------------------------------------------------------------------------
     # setup
 
-    def _device(self) -> torch.device:
-        return self.model.context_embedder.weight.device
-
     def _prepare(self, name: str, conds) -> list[CondEntry]:
         entries = as_entries(name, conds)
-        cfg = self.model.config
-        device = self._device()
+        cfg = self.passes.config
+        device = self.passes.device
         out = []
         for k, e in enumerate(entries):
             ctx, pooled = e.context, e.pooled
@@ -194,80 +190,6 @@ class Guider:
         return out
 
     # ------------------------------------------------------------------------------------------
-    # model passes
-
-    def _timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        return (sigma * TIMESTEP_SCALE).float()
-
-    def _denoised(self, x: torch.Tensor, sigma: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return x - out.float() * sigma.view(sigma.shape[:1] + (1,) * (out.ndim - 1))
-
-    def run(
-        self,
-        x: torch.Tensor,
-        sigma: torch.Tensor,
-        context: torch.Tensor,
-        pooled: torch.Tensor,
-        skip_layers: Sequence[int] = (),
-        residuals: Sequence[torch.Tensor | None] | None = None,
-    ) -> torch.Tensor:
-        """One model pass: the denoised prediction for a batch (the reference's ``apply_model``)."""
-        dtype = self.model.compute_dtype
-        out = self.model(
-            x.to(dtype),
-            self._timestep(sigma),
-            context.to(dtype),
-            pooled.to(dtype),
-            skip_layers=tuple(skip_layers),
-            block_residuals=residuals,
-        )
-        self.stats.calls += 1
-        self.stats.row_blocks += x.shape[0] * (self.model.config.depth - len(set(skip_layers)))
-        return self._denoised(x, sigma, out)
-
-    def run_with_skip(
-        self,
-        x: torch.Tensor,
-        sigma: torch.Tensor,
-        context: torch.Tensor,
-        pooled: torch.Tensor,
-        n_skip_rows: int,
-        skip_layers: Sequence[int],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's denoised prediction and, for its first ``n_skip_rows`` rows, the prediction
-        with ``skip_layers`` skipped, sharing the blocks before the first skipped one."""
-        model = self.model
-        dtype = model.compute_dtype
-        depth = model.config.depth
-        k = min(skip_layers)
-        state = model.embed(x.to(dtype), self._timestep(sigma), context.to(dtype), pooled.to(dtype))
-        state = model.run_blocks(state, 0, k)
-        fork = state.select(slice(0, n_skip_rows))
-        full = model.unembed(model.run_blocks(state, k))
-        skipped = model.unembed(model.run_blocks(fork, k, skip_layers=tuple(skip_layers)))
-        self.stats.calls += 1
-        n_skipped_after = len({s for s in skip_layers if s >= k})
-        self.stats.row_blocks += x.shape[0] * depth + n_skip_rows * (depth - k - n_skipped_after)
-        rows = slice(0, n_skip_rows)
-        return self._denoised(x, sigma, full), self._denoised(x[rows], sigma[rows], skipped)
-
-    def _residuals(self, hints, x: torch.Tensor, sigma: torch.Tensor, pooled: torch.Tensor):
-        depth = self.model.config.depth
-        total: list[torch.Tensor | None] | None = None
-        for hint in hints:
-            outputs = controlnet_residuals(
-                self.model, hint.controlnet, x, sigma, pooled, hint.cond_latent, hint.strength
-            )
-            per_block = expand_residuals(outputs, depth)
-            if total is None:
-                total = list(per_block)
-            else:
-                total = [
-                    a if b is None else b if a is None else a + b for a, b in zip(total, per_block, strict=True)
-                ]
-        return total
-
-    # ------------------------------------------------------------------------------------------
     # the guided denoiser
 
     def _combine(self, preds: list[tuple[torch.Tensor, float]], like: torch.Tensor) -> torch.Tensor:
@@ -285,20 +207,6 @@ class Guider:
             out += pred * strength
             count += strength
         return out / count
-
-    def _group_pass(self, g: GroupBatch, hints, slg: SkipLayerGuidance | None):
-        """One batch group's denoised rows and, when it has skip rows, their skip-layer prediction."""
-        residuals = self._residuals(hints, g.x, g.sigma, g.pooled) if hints else None
-        if not g.n_skip:
-            return self.run(g.x, g.sigma, g.context, g.pooled, residuals=residuals), None
-        if residuals is None and self.request.share_slg_prefix:
-            self.stats.shared_prefix_steps += 1
-            return self.run_with_skip(g.x, g.sigma, g.context, g.pooled, g.n_skip, slg.layers)
-        den = self.run(g.x, g.sigma, g.context, g.pooled, residuals=residuals)
-        rows = slice(0, g.n_skip)
-        den_skip = self.run(g.x[rows], g.sigma[rows], g.context[rows], g.pooled[rows], skip_layers=slg.layers)
-        self.stats.separate_skip_steps += 1
-        return den, den_skip
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, step_index: int) -> torch.Tensor:
@@ -322,22 +230,24 @@ class Guider:
         batches = []
         for group in groups.values():
             n = len(group)
-            batches.append(GroupBatch(
+            batches.append(RowBatch(
                 torch.cat([x] * n), torch.cat([sigma] * n),
                 torch.cat([self._rows(j.entry.context, batch) for j in group]),
                 torch.cat([self._rows(j.entry.pooled, batch) for j in group]),
                 sum(j.positive for j in group) * batch if slg_on else 0,
                 tuple((j.positive, j.index) for j in group),
             ))
+        skip_layers = slg.layers if slg_on else None
         if self.cache is not None:
-            results = self.cache.step(self, batches, hints, slg.layers if slg_on else None, step_index)
+            results = self.cache.step(batches, hints, skip_layers, step_index)
         else:
-            results = [self._group_pass(g, hints, slg) for g in batches]
+            results = [self.passes.run(g, hints, skip_layers) for g in batches]
 
         pos_preds: list[tuple[torch.Tensor, float]] = []
         neg_preds: list[tuple[torch.Tensor, float]] = []
         skip_preds: list[tuple[torch.Tensor, float]] = []
-        for group, (den, den_skip) in zip(groups.values(), results, strict=True):
+        for group, result in zip(groups.values(), results, strict=True):
+            den, den_skip = result.rows, result.skipped
             chunks = den.split(batch)
             skip_chunks = den_skip.split(batch) if den_skip is not None else ()
             for j, (job, chunk) in enumerate(zip(group, chunks, strict=True)):

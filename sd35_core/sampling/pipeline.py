@@ -24,25 +24,27 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import Interrupted
 from ..models.latent import process_in, process_out
-from ..models.numerics import check_denoised, weights_label
+from ..models.numerics import check_denoised
 from ..validation import MAX_SEED, check_choice, check_int, check_seed
-from .guidance import CondEntry, GuidanceStats, Guider
+from .guidance import CondEntry, Guider
 from .mask import NoiseMaskBlend, latent_mask
+from .passes import ModelPasses, PassStats, WholePasses
 from .request import SEED_MODES, SampleRequest
 from .samplers import StepInfo, get_sampler
 
 if TYPE_CHECKING:
-    from ..models.mmditx import MMDiTX
+    from ..models.mmditx import MMDiTConfig, MMDiTX
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SampleRequest", "img2img", "make_noise", "sample", "txt2img"]
+__all__ = ["RunHooks", "SampleRequest", "img2img", "make_noise", "sample", "txt2img"]
 
 
 def make_noise(
@@ -60,12 +62,25 @@ def make_noise(
     return torch.cat(rows), gens
 
 
-def _model_device(model: MMDiTX) -> torch.device:
-    return model.context_embedder.weight.device
+@dataclass(frozen=True)
+class RunHooks:
+    """What a caller hears of a run and how it stops one, travelling together.
+
+    ``callback`` receives a :class:`~.samplers.StepInfo` after each step's model call (its ``denoised`` is the
+    current x0 estimate, for previews); ``should_cancel`` is polled before every model call and a true result
+    raises :class:`~..errors.Interrupted`; ``stats``, when given, is filled in with what the run computed
+    (model passes, step-cache hits).
+    """
+
+    callback: Callable[[StepInfo], None] | None = None
+    should_cancel: Callable[[], bool] | None = None
+    stats: PassStats | None = None
 
 
-def _check_latent(name: str, latent, model: MMDiTX) -> None:
-    config = model.config
+NO_HOOKS = RunHooks()
+
+
+def _check_latent(name: str, latent, config: MMDiTConfig) -> None:
     if (
         not isinstance(latent, torch.Tensor)
         or latent.ndim != 4
@@ -84,35 +99,31 @@ def _check_latent(name: str, latent, model: MMDiTX) -> None:
 
 
 def sample(
-    model: MMDiTX,
+    model: MMDiTX | ModelPasses | WholePasses,
     positive: CondEntry | Sequence[CondEntry],
     negative: CondEntry | Sequence[CondEntry],
     latent: torch.Tensor,
     request: SampleRequest,
-    *,
-    callback: Callable[[StepInfo], None] | None = None,
-    should_cancel: Callable[[], bool] | None = None,
-    stats: GuidanceStats | None = None,
+    hooks: RunHooks = NO_HOOKS,
 ) -> torch.Tensor:
     """Sample ``request`` from ``latent`` (raw VAE space ``[B, 16, h, w]``; at ``denoise`` 1 its content
     does not matter, an all-zero latent is the usual text-to-image start); returns ``[B, 16, h, w]``.
 
-    ``callback`` receives a :class:`~.samplers.StepInfo` after each step's model call (its ``denoised``
-    is the current x0 estimate, for previews); ``should_cancel`` is polled before every model call and a
-    true result raises :class:`Interrupted`. ``stats``, when given, is filled in with what the run computed
-    (model passes, step-cache hits); a run with the step cache also logs how many evaluations it saved.
+    ``model`` is our MMDiT-X or passes over a model (:mod:`.passes`); ``hooks`` see :class:`RunHooks`. A run
+    with the step cache logs how many evaluations it saved.
     """
     if not isinstance(request, SampleRequest):
         raise ValueError(f"request: expected a SampleRequest, got {type(request).__name__}")
-    _check_latent("latent", latent, model)
+    guider = Guider(model, positive, negative, request)
+    passes = guider.passes
+    _check_latent("latent", latent, passes.config)
     sampler = get_sampler(request.sampler)
     sigmas = request.sigmas()
-    guider = Guider(model, positive, negative, request)
-    if stats is not None:
-        guider.stats = stats
+    if hooks.stats is not None:
+        guider.stats = hooks.stats
     noise, generator = make_noise(latent.shape, request.seed, request.seed_mode)
 
-    device = _model_device(model)
+    device = passes.device
     sigmas = sigmas.to(device)
     noise = noise.to(device)
     mask = None if request.noise_mask is None else latent_mask(request.noise_mask, latent.shape).to(device)
@@ -123,14 +134,15 @@ def sample(
         latent = process_in(latent)
 
     steps = len(sigmas) - 1
-    weights = weights_label(model)
+    weights = passes.weights
+    should_cancel = hooks.should_cancel
 
     def guided(x: torch.Tensor, sigma: torch.Tensor, step_index: int) -> torch.Tensor:
         if should_cancel is not None and should_cancel():
             raise Interrupted(f"sampling cancelled at step {step_index + 1} of {steps}")
         denoised = guider(x, sigma, step_index)
         # NaN weights or an fp16 overflow would otherwise run to the end and save a black image.
-        check_denoised(denoised, step_index + 1, steps, weights, model.compute_dtype)
+        check_denoised(denoised, step_index + 1, steps, weights, passes.compute_dtype)
         return denoised
 
     # The noise mask acts around the guider, in model space, as ComfyUI's KSamplerX0Inpaint: every row the
@@ -142,7 +154,7 @@ def sample(
     with torch.no_grad():
         sigma0 = sigmas[0]
         x = sigma0 * noise + (1.0 - sigma0) * latent
-        x = sampler(denoiser, x, sigmas, callback=callback, generator=generator)
+        x = sampler(denoiser, x, sigmas, callback=hooks.callback, generator=generator)
     if guider.cache is not None:
         log.info("step cache (threshold %g): %d of %d steps reused, %d model evaluations saved",
                  request.cache_threshold, guider.cache.cached_steps,
@@ -151,7 +163,7 @@ def sample(
 
 
 def txt2img(
-    model: MMDiTX,
+    model: MMDiTX | ModelPasses | WholePasses,
     positive: CondEntry | Sequence[CondEntry],
     negative: CondEntry | Sequence[CondEntry],
     request: SampleRequest,
@@ -159,9 +171,7 @@ def txt2img(
     width: int,
     height: int,
     batch_size: int = 1,
-    callback: Callable[[StepInfo], None] | None = None,
-    should_cancel: Callable[[], bool] | None = None,
-    stats: GuidanceStats | None = None,
+    hooks: RunHooks = NO_HOOKS,
 ) -> torch.Tensor:
     """Generate ``batch_size`` latents of ``width`` x ``height`` pixels; raw VAE space ``[B, 16, h/8, w/8]``.
 
@@ -178,31 +188,27 @@ def txt2img(
     config.check_image_size(width, height)
     batch_size = check_int("batch_size", batch_size, 1)
     latent = torch.zeros((batch_size, config.in_channels, height // 8, width // 8), dtype=torch.float32)
-    return sample(model, positive, negative, latent, request, callback=callback, should_cancel=should_cancel,
-                  stats=stats)
+    return sample(model, positive, negative, latent, request, hooks)
 
 
 def img2img(
-    model: MMDiTX,
+    model: MMDiTX | ModelPasses | WholePasses,
     positive: CondEntry | Sequence[CondEntry],
     negative: CondEntry | Sequence[CondEntry],
     request: SampleRequest,
     *,
     init_latent: torch.Tensor,
     batch_size: int | None = None,
-    callback: Callable[[StepInfo], None] | None = None,
-    should_cancel: Callable[[], bool] | None = None,
-    stats: GuidanceStats | None = None,
+    hooks: RunHooks = NO_HOOKS,
 ) -> torch.Tensor:
     """Re-noise ``init_latent`` (raw VAE space ``[B, 16, h, w]``) to the ``request.denoise`` point of the
     schedule and sample from there. A single init latent with ``batch_size`` > 1 is repeated. Hooks as
     :func:`sample`."""
-    _check_latent("init_latent", init_latent, model)
+    _check_latent("init_latent", init_latent, model.config)
     if batch_size is not None:
         batch_size = check_int("batch_size", batch_size, 1)
         if init_latent.shape[0] == 1:
             init_latent = init_latent.expand(batch_size, -1, -1, -1)
         elif init_latent.shape[0] != batch_size:
             raise ValueError(f"batch_size: {batch_size} does not match the {init_latent.shape[0]} init latents")
-    return sample(model, positive, negative, init_latent, request, callback=callback, should_cancel=should_cancel,
-                  stats=stats)
+    return sample(model, positive, negative, init_latent, request, hooks)

@@ -20,34 +20,20 @@ caches that see ComfyUI's separate cond and uncond calls), and every row kind ha
 A step is always run in full when nothing is cached yet, when the set of passes changes (the SLG window or
 a ControlNet's window opens or closes, a timestep-ranged conditioning entry turns on or off, shapes change)
 and on the last step of the run. With the threshold at 0 the cache is off. A full step through the cache
-computes with the same operations in the same order as the uncached Guider, so a run whose threshold never
-triggers a hit is bit-identical to one without the cache.
+is the uncached Guider's own step (:meth:`~.passes.ModelPasses.finish` after the block 0 the probe needed), so
+a run whose threshold never triggers a hit is bit-identical to one without the cache.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..models.mmditx import JointState
-
-if TYPE_CHECKING:
-    from .guidance import Guider
-
-
-@dataclass
-class GroupBatch:
-    """One batched model pass of a step: latents, sigmas, conditioning rows, and how many leading rows also
-    take the skip-layer pass (0 when SLG is off at this step)."""
-
-    x: torch.Tensor
-    sigma: torch.Tensor
-    context: torch.Tensor
-    pooled: torch.Tensor
-    n_skip: int
-    entries: tuple = ()  # which conditioning entries the rows belong to: a change means a full step
+from .control import ControlHint
+from .passes import Denoised, ModelPasses, RowBatch
 
 
 @dataclass
@@ -65,10 +51,11 @@ def relative_change(new: list[torch.Tensor], old: list[torch.Tensor]) -> float:
 
 
 class StepCache:
-    """Per-run state of the step cache (see the module doc); ``threshold`` > 0, ``last_step`` the index of
-    the run's final step, which is never reused."""
+    """Per-run state of the step cache (see the module doc) over a run's block-wise ``passes``; ``threshold``
+    > 0, ``last_step`` the index of the run's final step, which is never reused."""
 
-    def __init__(self, threshold: float, last_step: int) -> None:
+    def __init__(self, passes: ModelPasses, threshold: float, last_step: int) -> None:
+        self.passes = passes
         self.threshold = threshold
         self.last_step = last_step
         self.full_steps = 0
@@ -77,90 +64,43 @@ class StepCache:
         self._key: tuple | None = None
         self._cached: _Cached | None = None
 
-    def step(self, guider: Guider, groups: list[GroupBatch], hints, slg_layers: tuple[int, ...] | None,
-             step_index: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """Denoised predictions ``(all rows, skip-pass rows or None)`` of each group for this step."""
-        model = guider.model
-        dtype = model.compute_dtype
-        key = (tuple((tuple(g.x.shape), tuple(g.context.shape), g.n_skip, g.entries) for g in groups), slg_layers,
+    def step(self, groups: list[RowBatch], hints: Sequence[ControlHint], skip_layers: tuple[int, ...] | None,
+             step_index: int) -> list[Denoised]:
+        """Each group's denoised rows (and skip-pass rows) for this step, reused or computed in full."""
+        passes = self.passes
+        key = (tuple((tuple(g.x.shape), tuple(g.context.shape), g.n_skip, g.entries) for g in groups), skip_layers,
                tuple(id(h) for h in hints))
-        firsts = []
-        for g in groups:
-            state0 = model.embed(g.x.to(dtype), guider._timestep(g.sigma), g.context.to(dtype), g.pooled.to(dtype))
-            context1, x1 = model.joint_blocks[0](state0.context, state0.x, state0.c)
-            firsts.append((state0, context1, x1))
-        probes = [x1 - state0.x for state0, _, x1 in firsts]
+        states = [passes.embed(g) for g in groups]
+        firsts = [passes.first_block(state0) for state0 in states]
+        probes = [x1 - state0.x for state0, (_, x1) in zip(states, firsts, strict=True)]
         cached = self._cached
-        hit = False
         if cached is not None and key == self._key and step_index != self.last_step:
             self.last_change = relative_change(probes, cached.probes)
-            hit = self.last_change < self.threshold
-        depth = model.config.depth
-        if hit:
-            self.cached_steps += 1
-            guider.stats.cache_hits += 1
-            out = []
-            for g, (state0, _, x1), res, skip_res in zip(groups, firsts, cached.residuals, cached.skip_residuals,
-                                                         strict=True):
-                guider.stats.row_blocks += g.x.shape[0]
-                den = guider._denoised(g.x, g.sigma, model.unembed(JointState(x1 + res, None, state0.c, state0.hw)))
-                den_skip = None
-                if g.n_skip:
-                    rows = slice(0, g.n_skip)
-                    skipped = JointState(x1[rows] + skip_res, None, state0.c[rows], state0.hw)
-                    den_skip = guider._denoised(g.x[rows], g.sigma[rows], model.unembed(skipped))
-                out.append((den, den_skip))
-            return out
+            if self.last_change < self.threshold:
+                return self._reuse(groups, states, firsts, cached)
 
         self.full_steps += 1
-        out, residuals, skip_residuals = [], [], []
-        for g, (state0, context1, x1) in zip(groups, firsts, strict=True):
-            block_res = guider._residuals(hints, g.x, g.sigma, g.pooled) if hints else None
-            final, skip_final = self._full(guider, g, state0, context1, x1, block_res, slg_layers)
-            residuals.append(final.x - x1)
-            den = guider._denoised(g.x, g.sigma, model.unembed(final))
-            den_skip = None
-            if skip_final is not None:
-                rows = slice(0, g.n_skip)
-                skip_residuals.append(skip_final.x - x1[rows])
-                den_skip = guider._denoised(g.x[rows], g.sigma[rows], model.unembed(skip_final))
-            else:
-                skip_residuals.append(None)
-            guider.stats.calls += 1
-            guider.stats.row_blocks += g.x.shape[0] * depth
-            out.append((den, den_skip))
+        out = [passes.finish(g, state0, first, hints, skip_layers)
+               for g, state0, first in zip(groups, states, firsts, strict=True)]
         self._key = key
-        self._cached = _Cached(probes, residuals, skip_residuals)
+        self._cached = _Cached(
+            probes,
+            [r.final.x - x1 for r, (_, x1) in zip(out, firsts, strict=True)],
+            [None if r.skip_final is None else r.skip_final.x - x1[: g.n_skip]
+             for g, r, (_, x1) in zip(groups, out, firsts, strict=True)],
+        )
         return out
 
-    @staticmethod
-    def _full(guider: Guider, g: GroupBatch, state0: JointState, context1, x1, block_res, slg_layers):
-        """The rest of a full step from the first block on, in the uncached Guider's order of operations."""
-        model = guider.model
-        dtype = model.compute_dtype
-        x1r = x1 if block_res is None or block_res[0] is None else x1 + block_res[0].to(x1.dtype)
-        state1 = JointState(x1r, context1, state0.c, state0.hw)
-        if not g.n_skip:
-            return model.run_blocks(state1, 1, block_residuals=block_res), None
-        rows = slice(0, g.n_skip)
-        depth = model.config.depth
-        if block_res is None and guider.request.share_slg_prefix:
-            # As Guider.run_with_skip: the blocks before the first skipped one run once for all rows.
-            k = min(slg_layers)
-            fork_from = state0 if k == 0 else model.run_blocks(state1, 1, k)
-            rest_from = state1 if k == 0 else fork_from
-            final = model.run_blocks(rest_from, max(k, 1))
-            skip_final = model.run_blocks(fork_from.select(rows), k, skip_layers=slg_layers)
-            guider.stats.shared_prefix_steps += 1
-            n_after = len({s for s in slg_layers if s >= k})
-            guider.stats.row_blocks += g.n_skip * (depth - k - n_after)
-            return final, skip_final
-        # As the uncached separate skip pass: its own embedding of the positive rows, no ControlNet residuals.
-        final = model.run_blocks(state1, 1, block_residuals=block_res)
-        skip0 = model.embed(g.x[rows].to(dtype), guider._timestep(g.sigma[rows]), g.context[rows].to(dtype),
-                            g.pooled[rows].to(dtype))
-        skip_final = model.run_blocks(skip0, skip_layers=slg_layers)
-        guider.stats.separate_skip_steps += 1
-        guider.stats.calls += 1
-        guider.stats.row_blocks += g.n_skip * (depth - len(set(slg_layers)))
-        return final, skip_final
+    def _reuse(self, groups, states, firsts, cached: _Cached) -> list[Denoised]:
+        self.cached_steps += 1
+        self.passes.stats.cache_hits += 1
+        out = []
+        for g, state0, (_, x1), res, skip_res in zip(groups, states, firsts, cached.residuals, cached.skip_residuals,
+                                                     strict=True):
+            den = Denoised(self.passes.to_denoised(g, JointState(x1 + res, None, state0.c, state0.hw)))
+            if g.n_skip:
+                rows = slice(0, g.n_skip)
+                skipped = JointState(x1[rows] + skip_res, None, state0.c[rows], state0.hw)
+                den.skipped = self.passes.to_denoised(g, skipped, rows)
+            out.append(den)
+        return out

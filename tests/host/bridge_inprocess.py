@@ -85,7 +85,8 @@ def main(models_root: str, out_path: str) -> None:
     for model in (native, patched):
         cn = nodes["SD35ControlNetLoader"]().load(model, cn_path, "fp32")["result"][0]
         p, n = nodes["SD35ControlNetApply"]().apply(pos, neg, cn, vae, image, 0.9, 0.0, 1.0, "canny")
-        paths.append(bridge.load_native(bridge.inspect_native(model, "check"), [], 0)[1])
+        runner = bridge.load_native(bridge.inspect_native(model, "check"), [], 0)
+        paths.append("native" if isinstance(runner, bridge.NativePasses) else "view")
         (out,) = nodes["SD35Sampler"]().sample(model, p, n, latent, seed=5, steps=4, cfg=4.0, sampler="dpmpp_2m",
                                                schedule="normal", shift=0.0, denoise=1.0, slg_layers="1,2",
                                                slg_scale=2.5, slg_start=0.0, slg_end=0.7, slg_window="steps")

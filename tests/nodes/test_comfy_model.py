@@ -159,14 +159,24 @@ def test_native_passes_equal_our_model_for_skips_residuals_and_controlnet_input(
     x, t, ctx, y = inputs()
     res = residuals(mmdit.config.depth)
     with torch.no_grad():
-        assert torch.equal(passes(x, t, ctx, y), mmdit(x, t, ctx, y))
-        assert torch.equal(passes(x, t, ctx, y, skip_layers=(1, 2)), mmdit(x, t, ctx, y, skip_layers=(1, 2)))
-        assert torch.equal(passes(x, t, ctx, y, block_residuals=res), mmdit(x, t, ctx, y, block_residuals=res))
+        assert torch.equal(passes.forward(x, t, ctx, y, (), None), mmdit(x, t, ctx, y))
+        assert torch.equal(passes.forward(x, t, ctx, y, (1, 2), None), mmdit(x, t, ctx, y, skip_layers=(1, 2)))
+        assert torch.equal(passes.forward(x, t, ctx, y, (), res), mmdit(x, t, ctx, y, block_residuals=res))
         assert torch.equal(passes.patch_embed(x), mmdit.patch_embed(x))
         assert torch.equal(passes.y_embedder(y), mmdit.y_embedder(y))
-    assert passes.context_embedder.weight.device == torch.device("cpu")
-    with pytest.raises(NotImplementedError, match="share_slg_prefix"):
-        passes.embed(x, t, ctx, y)
+    assert passes.device == torch.device("cpu") and not passes.blockwise
+
+
+def test_native_passes_refuse_the_step_cache_by_name(bridge, mmdit):
+    from comfyui_sd35.sd35_core.sampling.guidance import CondEntry, Guider
+    from comfyui_sd35.sd35_core.sampling.request import SampleRequest
+
+    passes = bridge.NativePasses(bridge.ComfyMMDiT(mmdit), mmdit.config, torch.float32, {})
+    cfg = mmdit.config
+    entry = CondEntry(torch.zeros(1, 4, cfg.context_dim), torch.zeros(1, cfg.pooled_dim))
+    request = SampleRequest(steps=4, cfg=4.0, sampler="euler", shift=3.0, seed=0, cache_threshold=0.1)
+    with pytest.raises(ValueError, match="cache_threshold: the step cache runs joint block 0 on its own"):
+        Guider(passes, entry, entry, request)
 
 
 def test_native_passes_keep_the_models_own_block_patches(bridge, mmdit):
@@ -180,6 +190,6 @@ def test_native_passes_keep_the_models_own_block_patches(bridge, mmdit):
     passes = bridge.NativePasses(bridge.ComfyMMDiT(mmdit), mmdit.config, torch.float32, options)
     x, t, ctx, y = inputs()
     with torch.no_grad():
-        assert torch.equal(passes(x, t, ctx, y, skip_layers=(3,)), mmdit(x, t, ctx, y, skip_layers=(3,)))
+        assert torch.equal(passes.forward(x, t, ctx, y, (3,), None), mmdit(x, t, ctx, y, skip_layers=(3,)))
     assert calls == [1]
     assert list(options["patches_replace"]["dit"]) == [("double_block", 0)]  # the skip patch did not leak

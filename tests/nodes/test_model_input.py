@@ -17,8 +17,7 @@ def test_our_model_is_taken_as_it_is_and_loads_with_the_block_api(run_node, mode
     assert model_input.diffusion_input(model, "node") is model
     assert model_input.default_shift(model) == 3.0
     assert model_input.compute_dtype(model) == torch.float32
-    runner, has_blocks = model_input.load_for_sampling(model, [], 0)
-    assert runner is model.mmdit and has_blocks
+    assert model_input.load_for_sampling(model, [], 0) is model.mmdit
     assert model_input.vae_input(vae, "node") is vae
     pixels = torch.zeros(1, 3, 16, 16)
     assert torch.equal(model_input.encode_pixels(vae, pixels), vae.vae.encode(pixels))

@@ -49,8 +49,7 @@ def test_text_encode_sample_decode(run_node, parts):
 
 def test_sampler_node_equals_the_pipeline(run_node, parts):
     from comfyui_sd35.sd35_core.sampling import pipeline
-    from comfyui_sd35.sd35_core.sampling.guidance import SkipLayerGuidance
-    from comfyui_sd35.sd35_core.sampling.request import SampleRequest
+    from comfyui_sd35.sd35_core.sampling.request import SampleRequest, SkipLayerGuidance
 
     model, _, pos, neg = parts
     (latent,) = run_node("SD35EmptyLatent", width=SIZE, height=SIZE, batch_size=1)

@@ -10,7 +10,7 @@ import torch
 from sd35_core.models.latent import SD3_LATENT_SHIFT, process_in
 from sd35_core.sampling.control import ControlHint
 from sd35_core.sampling.mask import differential_threshold
-from sd35_core.sampling.pipeline import sample
+from sd35_core.sampling.pipeline import RunHooks, sample
 from sd35_core.sampling.request import SampleRequest, SkipLayerGuidance
 from sd35_core.sampling.samplers import SAMPLERS
 
@@ -123,11 +123,11 @@ def test_differential_mode_repaints_a_pixel_only_once_the_threshold_falls_to_its
     for band, value in enumerate((0.0, 1 / 3, 2 / 3, 1.0)):
         mask[:, :, band * 16 : (band + 1) * 16] = value
     seen = []  # what the model gets at each call: the blended input
-    hook = m.register_forward_pre_hook(lambda _, args: seen.append(args[0][:2].float().clone()))
+    hook = m.x_embedder.register_forward_pre_hook(lambda _, args: seen.append(args[0][:2].float().clone()))
     steps = []
     try:
         req = request(steps=6, cfg=1.0, skip_uncond_at_cfg1=True, noise_mask=mask, mask_mode="differential")
-        out = sample(m, pos, neg, init, req, callback=steps.append)
+        out = sample(m, pos, neg, init, req, RunHooks(callback=steps.append))
     finally:
         hook.remove()
     assert len(seen) == len(steps) == 6

@@ -16,7 +16,7 @@ from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteSchedul
 
 from sd35_core.errors import Interrupted
 from sd35_core.models.latent import SD3_LATENT_SCALE, SD3_LATENT_SHIFT
-from sd35_core.sampling.pipeline import img2img, make_noise, txt2img
+from sd35_core.sampling.pipeline import RunHooks, img2img, make_noise, txt2img
 from sd35_core.sampling.request import SampleRequest, SkipLayerGuidance
 from sd35_core.sampling.samplers import SAMPLERS, StepInfo
 from sd35_core.sampling.schedule import SCHEDULES, reference_sigmas, sigmas_for
@@ -254,8 +254,8 @@ def test_noise_equals_the_references_global_seeded_noise():
 def _run(m, *, width=SIZE, height=SIZE, batch_size=1, callback=None, should_cancel=None, **settings):
     pos, neg = cond(m, 1), cond(m, 2)
     request = SampleRequest(**(dict(steps=3, cfg=4.0, sampler="euler", shift=3.0, seed=5) | settings))
-    return txt2img(m, pos, neg, request, width=width, height=height, batch_size=batch_size, callback=callback,
-                   should_cancel=should_cancel)
+    return txt2img(m, pos, neg, request, width=width, height=height, batch_size=batch_size,
+                   hooks=RunHooks(callback=callback, should_cancel=should_cancel))
 
 
 @pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "dpmpp_2m_sde"])

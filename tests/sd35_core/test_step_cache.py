@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from sd35_core.sampling.control import ControlHint
-from sd35_core.sampling.guidance import GuidanceStats
-from sd35_core.sampling.pipeline import sample
+from sd35_core.sampling.passes import PassStats
+from sd35_core.sampling.pipeline import RunHooks, sample
 from sd35_core.sampling.request import SampleRequest, SkipLayerGuidance
 from sd35_core.sampling.step_cache import relative_change
 from tests.sd35_core.sampling_common import cond, controlnet, latent, model
@@ -18,7 +18,7 @@ NEVER_HITS = 1e-30
 
 def _run(m, request, stats=None, hw=8):
     pos, neg = cond(m, 1), cond(m, 2)
-    return sample(m, pos, neg, torch.zeros(1, 16, hw, hw), request, stats=stats)
+    return sample(m, pos, neg, torch.zeros(1, 16, hw, hw), request, RunHooks(stats=stats))
 
 
 def _request(**kw):
@@ -40,7 +40,7 @@ def test_a_cache_that_never_hits_is_bit_identical_to_no_cache(variant, slg, with
     m = model(variant, depth=4)
     controls = (ControlHint(controlnet(), latent(seed=11), strength=0.7),) if with_controlnet else ()
     plain = _run(m, _request(slg=slg, controls=controls))
-    stats = GuidanceStats()
+    stats = PassStats()
     cached = _run(m, _request(slg=slg, controls=controls, cache_threshold=NEVER_HITS), stats)
     assert torch.equal(cached, plain)
     assert stats.cache_hits == 0
@@ -48,14 +48,14 @@ def test_a_cache_that_never_hits_is_bit_identical_to_no_cache(variant, slg, with
 
 def test_threshold_zero_is_off():
     m = model("sd3.5_medium", depth=4)
-    stats = GuidanceStats()
+    stats = PassStats()
     assert torch.equal(_run(m, _request(cache_threshold=0.0), stats), _run(m, _request()))
     assert stats.cache_hits == 0
 
 
 def test_above_zero_steps_are_reused_and_the_result_stays_close():
     m = model("sd3.5_medium", depth=4)
-    plain_stats, stats = GuidanceStats(), GuidanceStats()
+    plain_stats, stats = PassStats(), PassStats()
     plain = _run(m, _request(steps=30), plain_stats)
     cached = _run(m, _request(steps=30, cache_threshold=0.6), stats)
     assert stats.cache_hits > 0
@@ -70,7 +70,7 @@ def test_slg_and_controlnet_rows_are_cached_together_with_cond_and_uncond():
     hint = ControlHint(controlnet(), latent(seed=11), strength=0.7)
     slg = SkipLayerGuidance(layers=(2,), scale=2.0, start=0.0, end=1.0)
     plain = _run(m, _request(steps=30, slg=slg, controls=(hint,)))
-    stats = GuidanceStats()
+    stats = PassStats()
     cached = _run(m, _request(steps=30, slg=slg, controls=(hint,), cache_threshold=0.6), stats)
     assert stats.cache_hits > 0
     # Every full step ran the CFG batch and its own skip pass (step 0 is outside the reference's SLG window,
@@ -85,11 +85,11 @@ def test_the_first_and_the_last_step_are_always_run_in_full():
     m = model("sd3.5_medium", depth=4)
     seen = []
     pos, neg = cond(m, 1), cond(m, 2)
-    stats = GuidanceStats()
+    stats = PassStats()
     # A huge threshold would reuse every step it is allowed to.
     request = _request(steps=6, cache_threshold=1e9)
-    sample(m, pos, neg, torch.zeros(1, 16, 8, 8), request, stats=stats,
-           callback=lambda info: seen.append((info.index, stats.calls)))
+    sample(m, pos, neg, torch.zeros(1, 16, 8, 8), request,
+           RunHooks(callback=lambda info: seen.append((info.index, stats.calls)), stats=stats))
     full_at = [i for k, (i, calls) in enumerate(seen) if calls > (seen[k - 1][1] if k else 0)]
     assert full_at == [0, 5]
     assert stats.cache_hits == 4
