@@ -23,6 +23,7 @@ from torch import nn
 from ..errors import CheckpointError
 from ..models import ops
 from ..quant.tensor import QuantizedTensor
+from .scaled_fp8 import FP8_DTYPES, ScaledLayout, check_fp8_weights_have_scales, find_scales, read_scale
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 # safetensors dtype names -> torch dtypes (the ones SD3 files use, and a few more)
@@ -92,6 +93,7 @@ class SafetensorsFile:
         self._header, self.metadata, self._data_start = _read_header(self.path)
         self._handle = safe_open(self.path, framework="pt", device="cpu")
         self._buffer: torch.Tensor | None = None
+        self.used: set[str] = set()  # keys some part has read (see loading.unused_tensors)
 
     def keys(self) -> list[str]:
         return list(self._header)
@@ -229,21 +231,33 @@ def load_weights(
 ) -> nn.Module:
     """Fill ``module`` (built on the meta device or anywhere) with the tensors under ``prefix``.
 
-    ``file`` is a :class:`SafetensorsFile` or a GGUF file with the same interface; GGUF-quantized linear
-    weights stay quantized (see :func:`ops.store_quantized_weight`), whatever ``policy.storage`` says.
-    ``key_map`` renames file keys (without prefix) to module keys. Module keys listed in ``optional`` may
-    be absent from the file and keep their constructed values (buffers such as constant position grids).
-    A missing or misshaped tensor is a :class:`CheckpointError` naming the file and the key.
+    ``file`` is a :class:`SafetensorsFile`, a view with its interface (another key layout) or a GGUF file;
+    GGUF-quantized linear weights stay quantized (see :func:`ops.store_quantized_weight`), whatever
+    ``policy.storage`` says. fp8 weights with a per-tensor scale (ComfyUI's scaled fp8, see
+    :mod:`.scaled_fp8`) stay fp8 with their scale beside them (:func:`ops.store_weight_scale`); a scale on a
+    weight stored wider is folded into it here. ``key_map`` renames file keys (without prefix) to module keys.
+    Module keys listed in ``optional`` may be absent from the file and keep their constructed values (buffers
+    such as constant position grids). A missing or misshaped tensor is a :class:`CheckpointError` naming the
+    file and the key. Every file key read is added to ``file.used`` (see :mod:`.unused_tensors`).
     """
     key_map = dict(key_map or {})
+    layers = {f"{name}.weight" if name else "weight": m for name, m in module.named_modules()
+              if isinstance(m, (ops.Linear, ops.Conv2d))}
     fp8_keys = (
-        {f"{name}.weight" for name, m in module.named_modules() if isinstance(m, ops.Linear)}
-        if policy.storage == torch.float8_e4m3fn
-        else set()
+        {k for k, m in layers.items() if isinstance(m, ops.Linear)} if policy.storage == torch.float8_e4m3fn else set()
     )
+    dense = hasattr(file, "read_into")
+    layout = find_scales(file, prefix, key_map) if dense else ScaledLayout()
+    layout_keys = layout.keys()
     expected = dict(module.state_dict(keep_vars=True))
-    file_keys = {key_map.get(k, k): prefix + k for k in file.shapes(prefix)}
+    file_keys = {key_map.get(k, k): prefix + k for k in file.shapes(prefix) if prefix + k not in layout_keys}
+    for name, scale in layout.layers.items():
+        if name not in layers:
+            raise file.error(f"per-tensor scales only beside linear or convolution weights; '{scale.weight_scale}' "
+                             f"scales '{name}', which {type(module).__name__} does not have as one")
+    check_fp8_weights_have_scales(file, prefix, layout, file_keys, set(layers))
     state: dict[str, torch.Tensor] = {}
+    scales: dict[str, torch.Tensor] = {}
     optional = set(optional)
     for name, target in expected.items():
         src = file_keys.get(name)
@@ -255,8 +269,18 @@ def load_weights(
             raise file.error(
                 f"'{src}' of shape {tuple(target.shape)} for {type(module).__name__}; found {file.shape(src)}"
             )
-        if isinstance(file, SafetensorsFile):
-            state[name] = _safetensors_weight(file, src, _target_dtype(file.dtype(src), name, policy, fp8_keys), device)
+        file.used.add(src)
+        if dense:
+            scale = layout.layers.get(name)
+            dtype = _target_dtype(file.dtype(src), name, policy, fp8_keys)
+            if scale is None:
+                state[name] = _safetensors_weight(file, src, dtype, device)
+            elif file.dtype(src) in FP8_DTYPES:  # stays fp8; the scale is applied where the weight is materialised
+                state[name] = _safetensors_weight(file, src, file.dtype(src), device)
+                scales[name] = read_scale(file, scale.weight_scale)
+            else:  # a scale beside a wide weight: fold it now, so LoRA merges and saves see the effective weight
+                wide = file.read_into(src, torch.empty(file.shape(src), dtype=torch.float32))
+                state[name] = wide.mul_(read_scale(file, scale.weight_scale)).to(device=device, dtype=dtype)
             continue
         t = file.tensor(src)
         if isinstance(t, QuantizedTensor):
@@ -280,4 +304,7 @@ def load_weights(
             raise file.error(f"tensor '{prefix}{name}'; it is missing and has no default")
         state[name] = t.detach().to(device=device, dtype=policy.compute if t.is_floating_point() else t.dtype)
     module.load_state_dict(state, strict=True, assign=True)
+    for name, scale in scales.items():
+        ops.store_weight_scale(layers[name], scale.to(device))
+    file.used.update(layout_keys)
     return module.requires_grad_(False).eval()

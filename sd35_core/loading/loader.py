@@ -27,6 +27,7 @@ from .checkpoint import DTypePolicy, SafetensorsFile, find_prefix, load_weights,
 from .gguf.reader import GGUFFile, is_gguf
 from .gguf.sd3 import open_sd3_gguf
 from .text_roles import BUNDLED_TEXT_PREFIXES, check_role, check_text_encoder_files, identify_for_role
+from .unused_tensors import check_all_used
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,10 @@ MARKERS = {
     "clip": "text_model.final_layer_norm.weight",
     "t5": "encoder.final_layer_norm.weight",
     "controlnet": "controlnet_blocks.0.weight",
+}
+PART_LABELS = {
+    "mmdit": "an SD3/SD3.5 diffusion model", "vae": "a VAE", "clip_l": "CLIP-L", "clip_g": "CLIP-G",
+    "t5xxl": "T5-XXL", "controlnet": "a ControlNet",
 }
 VARIANT_LABELS = {
     "sd3_medium": "SD3 Medium",
@@ -219,7 +224,9 @@ def load_checkpoint(
         file, prefix = open_sd3_gguf(path)
         # As the file stores them: resident memory is the file's size; ``dtype`` picks the compute dtype.
         with file:
-            return ModelParts(_load_mmdit(file, prefix, DTypePolicy(None, policy.compute), device), None, None)
+            model = _load_mmdit(file, prefix, DTypePolicy(None, policy.compute), device)
+            check_all_used(file, {"mmdit": prefix}, labels=PART_LABELS)
+            return ModelParts(model, None, None)
     file = open_safetensors(path)
     parts = detect_parts(file)
     if "mmdit" not in parts:
@@ -236,6 +243,8 @@ def load_checkpoint(
             _load_clip(file, parts["clip_g"], "clip_g", text_policy, device),
             t5,
         )
+    # Every part found must have been loaded (a lone bundled CLIP-L, say, is reported rather than dropped).
+    check_all_used(file, parts, labels=PART_LABELS)
     return ModelParts(model, vae, text)
 
 
@@ -245,7 +254,15 @@ def load_vae(path: str | os.PathLike, dtype: str = "default", device: str | torc
     prefix = find_prefix(file.keys(), MARKERS["vae"])
     if prefix is None:
         raise file.error(f"a VAE (decoder.conv_in.weight); this file is {_describe_foreign(file)}")
-    return _load_vae(file, prefix, DTypePolicy.named(dtype, device), device)
+    vae = _load_vae(file, prefix, DTypePolicy.named(dtype, device), device)
+    _check_used_by_part(file, "vae", prefix)
+    return vae
+
+
+def _check_used_by_part(file, part: str, prefix: str) -> None:
+    """Every tensor of ``file`` read by ``part`` or owned by another part of the file (which other loads read)."""
+    parts = {**detect_parts(file), part: prefix}
+    check_all_used(file, parts, others=set(parts) - {part}, labels=PART_LABELS)
 
 
 def load_text_encoder(
@@ -264,14 +281,18 @@ def load_text_encoder(
             raise file.error(
                 f"a T5 text encoder (encoder.final_layer_norm.weight); this file is {_describe_foreign(file)}"
             )
-        return _load_t5(file, prefix, policy, device)
+        t5 = _load_t5(file, prefix, policy, device)
+        _check_used_by_part(file, role, prefix)
+        return t5
     prefix = BUNDLED_TEXT_PREFIXES[role] if BUNDLED_TEXT_PREFIXES[role] + MARKERS["clip"] in file else ""
     if prefix + MARKERS["clip"] not in file:
         found = find_prefix(keys, MARKERS["clip"])
         if found is None:
             raise file.error(f"a CLIP text encoder for {role}; this file is {_describe_foreign(file)}")
         prefix = found
-    return _load_clip(file, prefix, role, policy, device)
+    clip = _load_clip(file, prefix, role, policy, device)
+    _check_used_by_part(file, role, prefix)
+    return clip
 
 
 def load_text_encoders(
@@ -302,4 +323,6 @@ def load_controlnet(
                 optional=ControlNet.OPTIONAL_KEYS)
     if "control_type" in file.shapes(prefix):
         cn.control_type = int(file.tensor(prefix + "control_type").flatten()[0])
+        file.used.add(prefix + "control_type")
+    _check_used_by_part(file, "controlnet", prefix)
     return cn

@@ -280,6 +280,56 @@ def write_lora(path: str | os.PathLike, variant: str = "sd3.5_large", *, seed: i
     return path
 
 
+# ---------------------------------------------------------------------------------------------------------
+# ComfyUI's scaled fp8: the layout of Comfy-Org's *_fp8_scaled files, for tests and benchmarks.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def linear_weight_keys(module: nn.Module) -> set[str]:
+    """Module keys of the weights of ``module``'s linear layers (the ones ComfyUI's scaled fp8 stores as fp8)."""
+    from ..models import ops
+
+    return {f"{name}.weight" for name, m in module.named_modules() if isinstance(m, ops.Linear)}
+
+
+def scaled_fp8_state(
+    state: Mapping[str, torch.Tensor],
+    weight_keys: set[str],
+    *,
+    scale_name: str = "scale_weight",
+    input_scale_name: str | None = None,
+    fp8: torch.dtype = torch.float8_e4m3fn,
+    marker: bool = True,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(scaled, effective)``: ``state`` in ComfyUI's scaled-fp8 layout, and the plain twin it stands for.
+
+    Each weight in ``weight_keys`` is stored as ``fp8`` with a float32 per-tensor scale ``<layer>.<scale_name>``
+    (``max|w| / fp8 max``, so the fp8 range is used in full); with ``input_scale_name`` each such layer also gets a
+    per-tensor activation scale; ``marker`` adds the ``scaled_fp8`` marker (an empty tensor of the fp8 dtype, as
+    ComfyUI writes it). ``effective`` keeps every other tensor and holds each scaled weight as fp8 x scale in
+    float32: the plain file with the same effective weights.
+    """
+    scaled: dict[str, torch.Tensor] = {}
+    effective: dict[str, torch.Tensor] = {}
+    fp8_max = torch.finfo(fp8).max
+    for key, value in state.items():
+        if key not in weight_keys:
+            scaled[key] = effective[key] = value
+            continue
+        w = value.detach().to(torch.float32)
+        scale = (w.abs().max() / fp8_max).clamp(min=1e-12)
+        stored = (w / scale).to(fp8)
+        base = key.removesuffix("weight")
+        scaled[key] = stored
+        scaled[base + scale_name] = scale.reshape(())
+        if input_scale_name:
+            scaled[base + input_scale_name] = torch.tensor(0.5 + 0.01 * len(scaled), dtype=torch.float32)
+        effective[key] = stored.to(torch.float32) * scale
+    if marker:
+        scaled["scaled_fp8"] = torch.empty(0, dtype=fp8)
+    return scaled, effective
+
+
 @dataclass(frozen=True)
 class TinyModelSet:
     """Paths of a tiny model set laid out like a ComfyUI ``models`` folder."""

@@ -8,6 +8,10 @@ whatever dtype the caller feeds in. When the two match, ``Tensor.to`` returns th
 A weight may also stay in a GGUF block format (Q8_0, Q4_0, ...): then the layer holds the raw bytes as its
 ``weight`` and their format as ``weight_quant``, and :func:`materialize_weight` dequantizes it on the
 compute device each time the layer runs.
+
+A weight from a scaled-fp8 file (ComfyUI's ``scaled_fp8`` layout) stays fp8 and carries its per-tensor scale as
+the non-persistent buffer ``weight_scale``: :func:`materialize_weight` multiplies it in, so the stored fp8 values
+times the scale are the weight every caller (the forward pass, compute-time LoRA) sees.
 """
 
 from __future__ import annotations
@@ -23,13 +27,19 @@ def materialize_weight(layer: nn.Module, dtype: torch.dtype, device: torch.devic
     """``layer.weight`` as a dense tensor in ``dtype`` on ``device``, whatever form it is stored in.
 
     The one place where a stored weight becomes the weight the layer computes with: a cast for
-    fp32/fp16/bf16/fp8 storage, dequantization for a GGUF-quantized weight (moved as raw bytes, so only the
-    compact form crosses devices). Compute-time patches (LoRA) belong here too, on top of the returned
-    weight, so they apply to every storage format alike.
+    fp32/fp16/bf16/fp8 storage, the cast times the per-tensor scale for scaled fp8, dequantization for a
+    GGUF-quantized weight (moved as raw bytes, so only the compact form crosses devices). Compute-time patches
+    (LoRA) belong here too, on top of the returned weight, so they apply to every storage format alike.
     """
     quant: QuantFormat | None = getattr(layer, "weight_quant", None)
+    scale: torch.Tensor | None = getattr(layer, "weight_scale", None)
     if quant is not None:
         weight = quant.dequantize(layer.weight.to(device), dtype)
+    elif scale is not None:
+        # The product is formed in float32 (fp8 values are exact there) and rounded once to the compute dtype,
+        # so a bf16/fp16 run sees the effective weight rounded once, as if the file had stored it plainly.
+        weight = layer.weight.to(device=device, dtype=torch.float32, copy=True)  # never scale the stored tensor
+        weight = weight.mul_(scale.to(device=device, dtype=torch.float32)).to(dtype)
     else:
         weight = layer.weight.to(device=device, dtype=dtype)
     # ``weight_patch`` is set only while a LoRA is applied at compute time (sd35_core.loading.lora.apply): storage
@@ -46,6 +56,15 @@ def store_quantized_weight(layer: nn.Module, weight: QuantizedTensor) -> None:
     """
     layer.weight = nn.Parameter(weight.data, requires_grad=False)
     layer.weight_quant = weight.format
+
+
+def store_weight_scale(layer: nn.Module, scale: torch.Tensor) -> None:
+    """Give ``layer`` a per-tensor weight scale (a one-value float32 tensor): its weight is ``weight * scale``.
+
+    A non-persistent buffer, so ``Module.to(device)`` moves it along with the weight and ``state_dict()`` keeps
+    only the official keys (LoRA key maps and checkpoint saving see the same names as for a plain file).
+    """
+    layer.register_buffer("weight_scale", scale.detach().reshape(()).to(torch.float32), persistent=False)
 
 
 def _cast(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:

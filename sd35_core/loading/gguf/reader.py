@@ -102,6 +102,7 @@ class GGUFFile:
             raise CheckpointError(f"{self.path}: expected a GGUF file; it is {size} bytes, too short")
         with open(self.path, "rb") as f:
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.used: set[str] = set()  # keys some part has read (see loading.unused_tensors)
         try:
             self.version, self.metadata, self.tensors = self._parse(_Cursor(self._map, self.path))
         except BaseException:
