@@ -125,6 +125,15 @@ def comfyui_root() -> str | None:
     return os.path.dirname(os.path.realpath(_folder_paths.__file__))
 
 
+def comfyui_tokenizer_dirs() -> list[str]:
+    """The running ComfyUI's own CLIP and T5 tokenizer folders (``comfy/sd1_tokenizer``,
+    ``comfy/text_encoders/t5_tokenizer``), or none outside ComfyUI."""
+    root = comfyui_root()
+    if root is None:
+        return []
+    return [os.path.join(root, "comfy", "sd1_tokenizer"), os.path.join(root, "comfy", "text_encoders", "t5_tokenizer")]
+
+
 def tokenizer_path() -> str | None:
     """An explicit tokenizer folder from ``SD35_TOKENIZERS``, if set."""
     return os.environ.get(TOKENIZERS_ENV) or None

@@ -24,8 +24,8 @@ def text_encoder(clip: SD35Clip) -> SD3TextEncoder:
     the running ComfyUI (``comfy/sd1_tokenizer``, ``comfy/text_encoders/t5_tokenizer``).
     """
     if clip._encoder is None:
-        clip_dir, t5_json = find_tokenizer_files(host.tokenizer_path(), host.comfyui_root(), model_path=clip.source,
-                                                 hint=TOKENIZER_HINT)
+        clip_dir, t5_json = find_tokenizer_files(host.tokenizer_path(), *host.comfyui_tokenizer_dirs(),
+                                                 model_path=clip.source, hint=TOKENIZER_HINT)
         tokenizer = SD3Tokenizer.from_files(clip_dir, t5_json)
         # Without T5 the context is only as wide as the CLIP states; the sampler zero-pads it to the
         # model's width, which is what the reference's padding to the T5 width gives.

@@ -19,6 +19,14 @@ TOKENIZER_HINT = (
 )
 
 
+def comfyui_tokenizer_dirs(comfyui: str | os.PathLike | None) -> list[str]:
+    """A ComfyUI checkout's bundled CLIP and T5 tokenizer folders (none without a checkout)."""
+    if comfyui is None:
+        return []
+    root = os.fspath(comfyui)
+    return [os.path.join(root, "comfy", "sd1_tokenizer"), os.path.join(root, "comfy", "text_encoders", "t5_tokenizer")]
+
+
 def pick_device(name: str | None) -> torch.device:
     """``--device``: the given one, else CUDA when available, else Apple MPS, else the CPU."""
     if name and name != "auto":
@@ -134,7 +142,8 @@ def load_models(
 
     say("Loading tokenizers...")
     comfyui = opts.comfyui or os.environ.get("COMFYUI_PATH") or None
-    clip_dir, t5_json = find_tokenizer_files(opts.tokenizers, comfyui, model_path=opts.model, hint=TOKENIZER_HINT)
+    clip_dir, t5_json = find_tokenizer_files(opts.tokenizers, *comfyui_tokenizer_dirs(comfyui), model_path=opts.model,
+                                             hint=TOKENIZER_HINT)
     tokenizer = SD3Tokenizer.from_files(clip_dir, t5_json)
 
     say(f"Loading SD3 model {os.path.basename(opts.model)}...")

@@ -305,38 +305,11 @@ class SD3Tokenizer:
 # ---------------------------------------------------------------------------------------------------
 # finding the tokenizer files
 
-COMFYUI_CLIP_DIR = os.path.join("comfy", "sd1_tokenizer")
-COMFYUI_T5_JSON = os.path.join("comfy", "text_encoders", "t5_tokenizer", "tokenizer.json")
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-
-
 def _is_clip_dir(path: str) -> bool:
     return all(os.path.isfile(os.path.join(path, f)) for f in ("vocab.json", "merges.txt"))
 
 
-def _comfyui_roots(comfyui_path: str | os.PathLike | None) -> list[str]:
-    roots = []
-    if comfyui_path is not None:
-        roots.append(os.fspath(comfyui_path))
-    if os.environ.get("COMFYUI_PATH"):
-        roots.append(os.environ["COMFYUI_PATH"])
-    # The pack lives at <comfyui>/custom_nodes/<pack>/ and this module in <pack>/sd35_core/. Anywhere else
-    # (a git checkout, a pip install) two folders up is no ComfyUI, and listing it would only mislead.
-    pack_dir = os.path.dirname(_PACKAGE_DIR)
-    if os.path.basename(os.path.dirname(pack_dir)).lower() == "custom_nodes":
-        roots.append(os.path.dirname(os.path.dirname(pack_dir)))
-    unique: list[str] = []
-    for r in roots:
-        r = os.path.abspath(r)
-        if r not in unique:
-            unique.append(r)
-    return unique
-
-
-TOKENIZER_HINT = (
-    "Pass the tokenizer folder explicitly, or set COMFYUI_PATH to a ComfyUI checkout (its comfy/ folder "
-    "bundles both tokenizers)."
-)
+TOKENIZER_HINT = "Pass the folder holding clip/vocab.json, clip/merges.txt and t5/tokenizer.json."
 
 
 MODEL_TOKENIZER_DIR = "tokenizers"  # beside a checkpoint: the tokenizer files its bundled encoders were made for
@@ -355,28 +328,24 @@ def model_tokenizer_dir(model_path: str | os.PathLike) -> str | None:
 
 
 def find_tokenizer_files(
-    explicit: str | os.PathLike | None = None,
-    comfyui_path: str | os.PathLike | None = None,
+    *folders: str | os.PathLike | None,
     model_path: str | os.PathLike | None = None,
     hint: str = TOKENIZER_HINT,
 ) -> tuple[str, str]:
     """Locate ``(clip_dir, t5_tokenizer_json)``.
 
-    Search order: the tokenizers shipped beside ``model_path`` (:func:`model_tokenizer_dir`), then
-    ``explicit`` (a folder holding ``clip/`` and ``t5/tokenizer.json``, or ComfyUI's ``sd1_tokenizer/``
-    and ``t5_tokenizer/``, or the files themselves), then the ComfyUI install's bundled tokenizers
-    (``comfy/sd1_tokenizer`` and ``comfy/text_encoders/t5_tokenizer``) under ``comfyui_path``, the
-    ``COMFYUI_PATH`` environment variable, and the ComfyUI this pack sits in (``<comfyui>/custom_nodes/<pack>``).
-    Raises :class:`FileNotFoundError` listing every place tried, then ``hint`` (how the caller's user points
-    at the files: the CLI names its options, ComfyUI its environment variable).
+    Search order: the tokenizers shipped beside ``model_path`` (:func:`model_tokenizer_dir`), then each of
+    ``folders`` in turn (``None`` entries are skipped). A folder may hold ``clip/`` and ``t5/tokenizer.json``
+    (as ``sd35 demo`` writes them), ``sd1_tokenizer/`` and ``t5_tokenizer/``, or the files themselves, so a
+    caller can pass a host's own tokenizer folders as they are. Raises :class:`FileNotFoundError` listing
+    every place tried, then ``hint`` (how the caller's user points at the files).
     """
     clip_candidates: list[str] = []
     t5_candidates: list[str] = []
     # A checkpoint's own tokenizers come first: no other tokenizer fits its encoders' embedding tables.
     beside = None if model_path is None else model_tokenizer_dir(model_path)
     bases = [] if beside is None else [beside]
-    if explicit is not None:
-        bases.append(os.path.abspath(os.fspath(explicit)))
+    bases += [os.path.abspath(os.fspath(f)) for f in folders if f is not None]
     for base in bases:
         clip_candidates += [os.path.join(base, "clip"), os.path.join(base, "sd1_tokenizer"), base]
         t5_candidates += [
@@ -384,9 +353,6 @@ def find_tokenizer_files(
             os.path.join(base, "t5_tokenizer", "tokenizer.json"),
             os.path.join(base, "tokenizer.json"),
         ]
-    for root in _comfyui_roots(comfyui_path):
-        clip_candidates.append(os.path.join(root, COMFYUI_CLIP_DIR))
-        t5_candidates.append(os.path.join(root, COMFYUI_T5_JSON))
 
     clip_dir = next((c for c in clip_candidates if _is_clip_dir(c)), None)
     t5_json = next((c for c in t5_candidates if os.path.isfile(c)), None)
@@ -395,9 +361,9 @@ def find_tokenizer_files(
     lines = []
     if clip_dir is None:
         lines.append("CLIP tokenizer (vocab.json + merges.txt) not found in:")
-        lines += [f"  {c}" for c in clip_candidates]
+        lines += [f"  {c}" for c in clip_candidates] or ["  (no folder given)"]
     if t5_json is None:
         lines.append("T5 tokenizer (tokenizer.json) not found at:")
-        lines += [f"  {c}" for c in t5_candidates]
+        lines += [f"  {c}" for c in t5_candidates] or ["  (no folder given)"]
     lines.append(hint)
     raise FileNotFoundError("\n".join(lines))

@@ -31,7 +31,10 @@ def main(settings_path: str, out_path: str) -> None:
     s = json.load(open(settings_path))
     parts = load_checkpoint(s["checkpoint"], "fp32", "cpu")
     enc = {role: load_text_encoder(path, role, "fp32", "cpu") for role, path in s["text_encoders"].items()}
-    tokenizer = SD3Tokenizer.from_files(*find_tokenizer_files(comfyui_path=s["comfyui_path"]))
+    root = s["comfyui_path"]
+    comfy = os.path.join(root, "comfy")
+    tokenizer = SD3Tokenizer.from_files(*find_tokenizer_files(os.path.join(comfy, "sd1_tokenizer"),
+                                                              os.path.join(comfy, "text_encoders", "t5_tokenizer")))
     text = SD3TextEncoder(enc["clip_l"], enc["clip_g"], enc.get("t5xxl"), tokenizer, "cpu")
     positive = CondEntry(*text.encode(s["prompt"]))
     negative = CondEntry(*text.encode(s["negative"]))

@@ -7,7 +7,6 @@ import shutil
 import pytest
 from transformers import CLIPTokenizer, T5TokenizerFast
 
-from sd35_core.text import tokenization
 from sd35_core.text.tokenization import SD3Tokenizer, find_tokenizer_files, weighted_words
 
 VOCAB = (
@@ -213,57 +212,36 @@ def _fake_comfyui(root, tokenizer_dirs):
     return root
 
 
-@pytest.fixture
-def nowhere(tmp_path, monkeypatch):
-    """No COMFYUI_PATH, and the pack placed where no ComfyUI surrounds it."""
-    monkeypatch.delenv("COMFYUI_PATH", raising=False)
-    monkeypatch.setattr(tokenization, "_PACKAGE_DIR", str(tmp_path / "a" / "b" / "pack" / "sd35_core"))
-
-
-def test_explicit_folder_comes_first(tokenizer_dirs, nowhere):
-    clip_dir, t5_json = find_tokenizer_files(os.path.dirname(tokenizer_dirs[0]))
+def test_explicit_folder_comes_first(tokenizer_dirs, tmp_path):
+    clip_dir, t5_json = find_tokenizer_files(os.path.dirname(tokenizer_dirs[0]), tmp_path / "later")
     assert os.path.samefile(clip_dir, tokenizer_dirs[0]) and os.path.samefile(t5_json, tokenizer_dirs[1])
 
 
-def test_comfyui_bundled_tokenizers_from_argument_environment_and_pack_location(
-    tmp_path, tokenizer_dirs, nowhere, monkeypatch
-):
+def test_a_hosts_own_tokenizer_folders_are_taken_as_they_are(tmp_path, tokenizer_dirs):
     root = _fake_comfyui(tmp_path / "ComfyUI", tokenizer_dirs)
-    expected = (str(root / "comfy" / "sd1_tokenizer"), str(root / "comfy/text_encoders/t5_tokenizer/tokenizer.json"))
-    assert find_tokenizer_files(comfyui_path=root) == expected
-    monkeypatch.setenv("COMFYUI_PATH", str(root))
-    assert find_tokenizer_files() == expected
-    monkeypatch.delenv("COMFYUI_PATH")
-    monkeypatch.setattr(tokenization, "_PACKAGE_DIR", str(root / "custom_nodes" / "comfyui-sd35" / "sd35_core"))
-    assert find_tokenizer_files() == expected
-    tok = SD3Tokenizer.from_files(*find_tokenizer_files())
+    clip, t5 = root / "comfy" / "sd1_tokenizer", root / "comfy" / "text_encoders" / "t5_tokenizer"
+    assert find_tokenizer_files(None, clip, t5) == (str(clip), str(t5 / "tokenizer.json"))
+    tok = SD3Tokenizer.from_files(*find_tokenizer_files(clip, t5))
     assert [t for t, _ in tok.tokenize_clip_l("a cat")[0][:4]] == [49406, 320, 2368, 49407]
 
 
-def test_missing_tokenizer_files_raise_an_error_listing_where_it_looked(tmp_path, nowhere):
+def test_missing_tokenizer_files_raise_an_error_listing_where_it_looked(tmp_path):
     with pytest.raises(FileNotFoundError) as info:
-        find_tokenizer_files(tmp_path / "mine", comfyui_path=tmp_path / "ComfyUI")
+        find_tokenizer_files(tmp_path / "mine", tmp_path / "theirs")
     message = str(info.value)
-    for place in (
-        tmp_path / "mine" / "clip",
-        tmp_path / "mine" / "t5" / "tokenizer.json",
-        tmp_path / "ComfyUI" / "comfy" / "sd1_tokenizer",
-        tmp_path / "ComfyUI" / "comfy" / "text_encoders" / "t5_tokenizer" / "tokenizer.json",
-    ):
+    for place in (tmp_path / "mine" / "clip", tmp_path / "mine" / "t5" / "tokenizer.json",
+                  tmp_path / "theirs" / "sd1_tokenizer", tmp_path / "theirs" / "t5_tokenizer" / "tokenizer.json"):
         assert str(place) in message
-    # The pack is not in a custom_nodes folder, so two folders above it is no ComfyUI: not searched, not listed.
-    assert str(tmp_path / "a" / "comfy") not in message
-    assert "COMFYUI_PATH" in message
-    with pytest.raises(FileNotFoundError, match="use --tokenizers") as info:
+    assert "clip/vocab.json" in message  # the default hint says what a folder must hold
+    with pytest.raises(FileNotFoundError, match="use --tokenizers"):
         find_tokenizer_files(tmp_path / "mine", hint="use --tokenizers")
 
 
-def test_the_comfyui_around_the_pack_is_searched_only_when_the_pack_is_in_custom_nodes(tmp_path, monkeypatch):
-    monkeypatch.delenv("COMFYUI_PATH", raising=False)
-    monkeypatch.setattr(tokenization, "_PACKAGE_DIR", str(tmp_path / "ComfyUI" / "custom_nodes" / "pack" / "sd35_core"))
-    with pytest.raises(FileNotFoundError) as info:
+def test_the_core_reads_no_environment_variable(tmp_path, tokenizer_dirs, monkeypatch):
+    root = _fake_comfyui(tmp_path / "ComfyUI", tokenizer_dirs)
+    monkeypatch.setenv("COMFYUI_PATH", str(root))
+    with pytest.raises(FileNotFoundError, match="no folder given"):
         find_tokenizer_files()
-    assert str(tmp_path / "ComfyUI" / "comfy" / "sd1_tokenizer") in str(info.value)
 
 
 def test_from_files_names_a_missing_file(tmp_path, tokenizer_dirs):
