@@ -6,7 +6,7 @@ Like ``host.py`` this module is a door to ComfyUI (``comfy.model_base``, ``comfy
 
 Our side: the checkpoint loader registers the MMDiT-X with ComfyUI through :func:`model_patcher`, a
 ``ModelPatcher`` over :class:`SD35MMDiTX` (a ``comfy.model_base.SD3`` whose ``diffusion_model`` is
-:class:`.comfy_model.ComfyMMDiT`). ``SD35 Model to ComfyUI MODEL`` hands out clones of that patcher, so
+:class:`.comfy_model.ComfyMMDiT`). ``SD3.5 Model to ComfyUI MODEL`` hands out clones of that patcher, so
 ComfyUI's own rules for clones apply: LoRA patches of a clone are applied when it loads and taken back
 when the plain model (our sampler) loads again; the weights exist once.
 
@@ -38,7 +38,7 @@ from .comfy_model import ComfyMMDiT, NativePasses, ViewRefusal, comfy_unet_confi
 
 log = logging.getLogger(__name__)
 
-# model_options entries that change how ComfyUI's own samplers guide; SD35 Sampler guides itself and
+# model_options entries that change how ComfyUI's own samplers guide; SD3.5 Sampler guides itself and
 # would silently drop them, so a model carrying one is refused with its name.
 GUIDANCE_OPTIONS = {
     "sampler_cfg_function": "a CFG function (e.g. RescaleCFG, CFGNorm)",
@@ -92,8 +92,9 @@ class SD35ModelPatcher(comfy.model_patcher.ModelPatcher):
         hit = sorted(k if isinstance(k, str) else k[0] for k in patches
                      if (k if isinstance(k, str) else k[0]) in quantized)
         if hit:
-            raise ValueError(f"SD35 MODEL: {len(hit)} patched weights are GGUF-quantized (e.g. {hit[0]}); ComfyUI's "
-                             "weight patches cannot apply to quantized blocks; use a safetensors model for them")
+            raise ValueError(f"SD3.5 Model to ComfyUI MODEL: {len(hit)} patched weights are GGUF-quantized "
+                             f"(e.g. {hit[0]}); ComfyUI's weight patches cannot apply to quantized blocks; use a "
+                             "safetensors model for them")
         return super().add_patches(patches, strength_patch, strength_model)
 
 
@@ -123,7 +124,7 @@ class SD35LoraPatch(comfy.weight_adapter.WeightAdapterBase):
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
         if strength != 1.0:
-            raise ValueError(f"{key}: SD35 LoRA patches carry their own strength; got a ComfyUI strength {strength}")
+            raise ValueError(f"{key}: SD3.5 LoRA patches carry their own strength; got a ComfyUI strength {strength}")
         return function(patched_weight(weight, self.entries).to(intermediate_dtype))
 
 
@@ -189,7 +190,7 @@ def inspect_native(patcher, node: str) -> NativeModel:
     """Check that ``patcher`` is an SD3-family ``MODEL`` our sampler can honour; ValueError naming what is not."""
     model = patcher.model
     if not isinstance(model, comfy.model_base.SD3):
-        raise ValueError(f"{node}: the model input is a ComfyUI {type(model).__name__} model; the SD35 nodes run "
+        raise ValueError(f"{node}: the model input is a ComfyUI {type(model).__name__} model; the SD3.5 nodes run "
                          "SD3 / SD3.5 models only")
     sampling = patcher.get_model_object("model_sampling")
     if not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscreteFlow) or sampling.multiplier != 1000:
@@ -217,7 +218,7 @@ def inspect_native(patcher, node: str) -> NativeModel:
 def load_native(native: NativeModel, extra: list, memory_required: int) -> MMDiTX | NativePasses:
     """Load ``native`` (and the ``extra`` patchers used with it) the way ComfyUI's samplers do, with its
     weight and object patches applied, and return what our sampler runs: our MMDiT-X over the native tensors
-    (exact, block by block), our MMDiT-X itself (a MODEL made by SD35 Model to ComfyUI MODEL), or
+    (exact, block by block), our MMDiT-X itself (a MODEL made by SD3.5 Model to ComfyUI MODEL), or
     :class:`NativePasses` (whole native passes, for block patches and weight types our layers cannot run)."""
     patcher = native.patcher
     mm.load_models_gpu([patcher, *extra], memory_required=memory_required)

@@ -10,7 +10,7 @@ from .latent_vae import NO_VAE
 from .model_input import VAE_TYPES, vae_input
 from .objects import SD35ControlNet, require, require_type
 
-NODE = "SD35 Apply ControlNet"
+NODE = "SD3.5 Apply ControlNet"
 CONTROL_TYPE_CHOICES = ["auto", *CONTROL_TYPES]
 DEPTH_INVERT = {"off": False, "on": True, "auto": "auto"}
 
@@ -25,11 +25,11 @@ class SD35ControlNetApply:
                 "positive": ("CONDITIONING", {"tooltip": "Positive conditioning to steer."}),
                 "negative": ("CONDITIONING", {"tooltip": "Negative conditioning (the reference applies the "
                                                          "ControlNet to both halves of the CFG batch)."}),
-                "control_net": ("SD35_CONTROLNET", {"tooltip": "The ControlNet from SD35 ControlNet Loader."}),
-                "vae": (VAE_TYPES, {"tooltip": "The SD3 VAE, to encode the control image (SD35 VAE Loader, or a "
+                "control_net": ("SD35_CONTROLNET", {"tooltip": "The ControlNet from SD3.5 ControlNet Loader."}),
+                "vae": (VAE_TYPES, {"tooltip": "The SD3 VAE, to encode the control image (SD3.5 VAE Loader, or a "
                                                "ComfyUI VAE such as CheckpointLoaderSimple's)."}),
                 "image": ("IMAGE", {"tooltip": "The control image: canny edges, a blurred image or a depth map "
-                                               "(see the SD35 preprocessors). It is fitted to the generation size "
+                                               "(see the SD3.5 preprocessors). It is fitted to the generation size "
                                                "(resize_mode)."}),
                 "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01,
                                        "tooltip": "How strongly the ControlNet steers; 0 turns it off."}),
@@ -65,7 +65,7 @@ class SD35ControlNetApply:
                        "Negative conditioning with the ControlNet attached.")
     FUNCTION = "apply"
     CATEGORY = "sd35/controlnet"
-    DESCRIPTION = ("Attaches an SD3.5 ControlNet to the conditioning; SD35 Sampler runs it. Several can be chained.")
+    DESCRIPTION = ("Attaches an SD3.5 ControlNet to the conditioning; SD3.5 Sampler runs it. Several can be chained.")
 
     def apply(self, positive, negative, control_net, vae, image, strength, start_percent, end_percent,
               control_type: str = "auto", depth_invert: str = "auto", resize_mode: str = DEFAULT_RESIZE_MODE):
@@ -147,7 +147,7 @@ class SD35DepthNormalize:
     """Stretch a depth map to 0..1 for the depth ControlNet.
 
     Which way round the map goes (near = dark, as the ControlNet was trained) is decided in one place:
-    SD35 Apply ControlNet's ``depth_invert``. This node once had its own ``invert`` switch too, and the two
+    SD3.5 Apply ControlNet's ``depth_invert``. This node once had its own ``invert`` switch too, and the two
     could cancel each other (``invert`` on here, ``auto`` there re-inverting). ``invert`` is now a hidden
     input: the graph editor shows no second control, an old workflow still loads (the editor drops the
     surplus widget value, and ``depth_invert=auto`` orients the map anyway), and an API prompt or script
@@ -159,7 +159,7 @@ class SD35DepthNormalize:
         return {
             "required": {
                 "image": ("IMAGE", {"tooltip": "A depth map from any depth estimator node or file. Which way round "
-                                               "it goes is set on SD35 Apply ControlNet (depth_invert)."}),
+                                               "it goes is set on SD3.5 Apply ControlNet (depth_invert)."}),
             },
             "hidden": {"invert": ("BOOLEAN", {"default": False})},
         }
@@ -170,10 +170,10 @@ class SD35DepthNormalize:
     FUNCTION = "run"
     CATEGORY = "sd35/controlnet/preprocessors"
     DESCRIPTION = ("Normalises a depth map to the full 0..1 range (per image). Near = dark or bright is handled by "
-                   "SD35 Apply ControlNet's depth_invert (auto by default).")
+                   "SD3.5 Apply ControlNet's depth_invert (auto by default).")
 
     def run(self, image, invert: bool = False):
         if not isinstance(invert, bool):
-            raise ValueError(f"SD35 Depth Normalize: invert: expected true or false, got {invert!r}")
+            raise ValueError(f"SD3.5 Depth Normalize: invert: expected true or false, got {invert!r}")
         out = preprocess.normalize_depth(image)
         return (1.0 - out if invert else out,)

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 LATENT_CHANNELS = 16
 SIZE_STEP = 16  # VAE downscale 8 x MMDiT patch 2
-NO_VAE = "The checkpoint does not bundle a VAE: load one with SD35 VAE Loader."
+NO_VAE = "The checkpoint does not bundle a VAE: load one with SD3.5 VAE Loader."
 
 
 def _vae(vae, node: str) -> SD35VAE:
@@ -68,7 +68,7 @@ class SD35EmptyLatent:
 
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
-    OUTPUT_TOOLTIPS = ("An empty latent (16 channels, 1/8 of the image size), for SD35 Sampler.",)
+    OUTPUT_TOOLTIPS = ("An empty latent (16 channels, 1/8 of the image size), for SD3.5 Sampler.",)
     FUNCTION = "generate"
     CATEGORY = "sd35/latent"
     DESCRIPTION = "Creates an empty SD3 latent for text-to-image."
@@ -76,10 +76,10 @@ class SD35EmptyLatent:
     def generate(self, width: int, height: int, batch_size: int = 1, model=None):
         for name, v in (("width", width), ("height", height)):
             if v < SIZE_STEP or v % SIZE_STEP:
-                raise ValueError(f"SD35 Empty Latent: {name} {v} is not a positive multiple of {SIZE_STEP} pixels "
+                raise ValueError(f"SD3.5 Empty Latent: {name} {v} is not a positive multiple of {SIZE_STEP} pixels "
                                  "(SD3 models work on 16-pixel patches)")
         if model is not None:
-            diffusion_input(model, "SD35 Empty Latent").config.check_image_size(width, height)
+            diffusion_input(model, "SD3.5 Empty Latent").config.check_image_size(width, height)
         samples = torch.zeros((batch_size, LATENT_CHANNELS, height // 8, width // 8), dtype=torch.float32)
         return ({"samples": samples},)
 
@@ -91,8 +91,8 @@ class SD35VAEDecode:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "samples": ("LATENT", {"tooltip": "The latent to decode (from SD35 Sampler)."}),
-                "vae": ("SD35_VAE", {"tooltip": "The SD3 VAE (from the checkpoint or SD35 VAE Loader)."}),
+                "samples": ("LATENT", {"tooltip": "The latent to decode (from SD3.5 Sampler)."}),
+                "vae": ("SD35_VAE", {"tooltip": "The SD3 VAE (from the checkpoint or SD3.5 VAE Loader)."}),
             },
             "optional": dict(TILE_INPUTS),
         }
@@ -105,9 +105,9 @@ class SD35VAEDecode:
     DESCRIPTION = "Decodes an SD3 latent to an image, whole or in tiles."
 
     def decode(self, samples, vae, tiled: bool = False, tile_size: int = 512, overlap: int = 64):
-        vae = _vae(vae, "SD35 VAE Decode")
+        vae = _vae(vae, "SD3.5 VAE Decode")
         if not isinstance(samples, dict) or not isinstance(samples.get("samples"), torch.Tensor):
-            raise ValueError("SD35 VAE Decode: the samples input is not a LATENT")
+            raise ValueError("SD3.5 VAE Decode: the samples input is not a LATENT")
         latent = samples["samples"]
         module = vae.managed.load()
         with torch.no_grad():
@@ -127,26 +127,26 @@ class SD35VAEEncode:
             "required": {
                 "pixels": ("IMAGE", {"tooltip": "The image to encode; it is centre-cropped to a multiple of 16 "
                                                 "pixels."}),
-                "vae": ("SD35_VAE", {"tooltip": "The SD3 VAE (from the checkpoint or SD35 VAE Loader)."}),
+                "vae": ("SD35_VAE", {"tooltip": "The SD3 VAE (from the checkpoint or SD3.5 VAE Loader)."}),
             },
             "optional": dict(TILE_INPUTS),
         }
 
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
-    OUTPUT_TOOLTIPS = ("The image's latent, for image-to-image with SD35 Sampler (denoise below 1).",)
+    OUTPUT_TOOLTIPS = ("The image's latent, for image-to-image with SD3.5 Sampler (denoise below 1).",)
     FUNCTION = "encode"
     CATEGORY = "sd35/latent"
     DESCRIPTION = "Encodes an image to an SD3 latent, whole or in tiles."
 
     def encode(self, pixels, vae, tiled: bool = False, tile_size: int = 512, overlap: int = 64):
-        vae = _vae(vae, "SD35 VAE Encode")
+        vae = _vae(vae, "SD3.5 VAE Encode")
         if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4:
-            raise ValueError("SD35 VAE Encode: the pixels input is not an IMAGE [B, H, W, C]")
+            raise ValueError("SD3.5 VAE Encode: the pixels input is not an IMAGE [B, H, W, C]")
         _, h, w, _ = pixels.shape
         hh, ww = h - h % SIZE_STEP, w - w % SIZE_STEP
         if hh == 0 or ww == 0:
-            raise ValueError(f"SD35 VAE Encode: the image ({w}x{h}) is smaller than {SIZE_STEP} pixels")
+            raise ValueError(f"SD3.5 VAE Encode: the image ({w}x{h}) is smaller than {SIZE_STEP} pixels")
         if (hh, ww) != (h, w):
             top, left = (h - hh) // 2, (w - ww) // 2
             log.info("sd35: cropping %dx%d to %dx%d for the VAE", w, h, ww, hh)
@@ -170,7 +170,7 @@ class SD35VAEEncodeForInpaint:
             "required": {
                 "pixels": ("IMAGE", {"tooltip": "The image to repaint; it is centre-cropped to a multiple of 16 "
                                                 "pixels."}),
-                "vae": ("SD35_VAE", {"tooltip": "The SD3 VAE (from the checkpoint or SD35 VAE Loader)."}),
+                "vae": ("SD35_VAE", {"tooltip": "The SD3 VAE (from the checkpoint or SD3.5 VAE Loader)."}),
                 "mask": ("MASK", {"tooltip": "Where to repaint (1 = repaint): LoadImage's mask from the mask "
                                              "editor, ImagePadForOutpaint's, or any mask node's."}),
                 "grow_mask_by": ("INT", {"default": 6, "min": 0, "max": 64, "step": 1,
@@ -183,7 +183,7 @@ class SD35VAEEncodeForInpaint:
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
     OUTPUT_TOOLTIPS = ("The latent of the image with the masked part greyed out, carrying the grown mask as its "
-                       "noise mask, for SD35 Sampler (denoise 1).",)
+                       "noise mask, for SD3.5 Sampler (denoise 1).",)
     FUNCTION = "encode"
     CATEGORY = "sd35/latent"
     DESCRIPTION = ("Encodes an image for inpainting or outpainting: the masked pixels are set to grey before "
@@ -192,7 +192,7 @@ class SD35VAEEncodeForInpaint:
 
     def encode(self, pixels, vae, mask, grow_mask_by: int = 6, tiled: bool = False, tile_size: int = 512,
                overlap: int = 64):
-        node = "SD35 VAE Encode (for inpaint)"
+        node = "SD3.5 VAE Encode (for Inpainting)"
         vae = _vae(vae, node)
         try:
             prepared = prepare_inpaint(pixels, mask, grow_mask_by, multiple=SIZE_STEP)

@@ -140,7 +140,7 @@ def _make_clip(text: TextEncoders, device: torch.device, source: str) -> SD35Cli
 
 def managed_diffusion(diffusion: DiffusionModel, device: torch.device) -> host.ManagedModule:
     """The diffusion model's registration with ComfyUI: inside ComfyUI a ``ModelPatcher`` over ComfyUI's SD3
-    model wrapper (see comfy_bridge.py), so that SD35 Model to ComfyUI MODEL hands out clones of it."""
+    model wrapper (see comfy_bridge.py), so that SD3.5 Model to ComfyUI MODEL hands out clones of it."""
     bridge = host.comfy_bridge()
     patcher = None
     if bridge is not None:
@@ -206,8 +206,8 @@ class SD35CheckpointLoader:
     RETURN_NAMES = ("model", "clip", "vae")
     OUTPUT_TOOLTIPS = (
         "The diffusion model.",
-        "The text encoders, when the file bundles them (empty otherwise: use SD35 Text Encoder Loader).",
-        "The VAE, when the file bundles it (empty otherwise: use SD35 VAE Loader).",
+        "The text encoders, when the file bundles them (empty otherwise: use SD3.5 Text Encoder Loader).",
+        "The VAE, when the file bundles it (empty otherwise: use SD3.5 VAE Loader).",
     )
     FUNCTION = "load"
     CATEGORY = "sd35/loaders"
@@ -276,7 +276,7 @@ class SD35TextEncoderLoader:
 
     RETURN_TYPES = ("SD35_CLIP",)
     RETURN_NAMES = ("clip",)
-    OUTPUT_TOOLTIPS = ("The text encoders, for SD35 Text Encode.",)
+    OUTPUT_TOOLTIPS = ("The text encoders, for SD3.5 Text Encode.",)
     FUNCTION = "load"
     CATEGORY = "sd35/loaders"
     DESCRIPTION = ("Loads the three SD3 text encoders (T5-XXL optional) from ComfyUI's text_encoders folder. "
@@ -328,7 +328,7 @@ class SD35VAELoader:
 
     RETURN_TYPES = ("SD35_VAE",)
     RETURN_NAMES = ("vae",)
-    OUTPUT_TOOLTIPS = ("The VAE, for SD35 VAE Decode / Encode and SD35 Apply ControlNet.",)
+    OUTPUT_TOOLTIPS = ("The VAE, for SD3.5 VAE Decode / Encode and SD3.5 Apply ControlNet.",)
     FUNCTION = "load"
     CATEGORY = "sd35/loaders"
     DESCRIPTION = "Loads the SD3 / SD3.5 VAE (16 latent channels) from ComfyUI's vae folder."
@@ -360,7 +360,7 @@ class SD35ControlNetLoader:
         return {
             "required": {
                 "model": (MODEL_TYPES, {"tooltip": "The diffusion model the ControlNet will steer (SD3.5 Large for "
-                                                   "the released ControlNets; an SD35 model or a ComfyUI SD3 "
+                                                   "the released ControlNets; an SD3.5 model or a ComfyUI SD3 "
                                                    "MODEL); the loader checks that they fit."}),
                 "control_net_name": (_with_bundled(host.list_models("controlnet"), "controlnet"), {
                     "tooltip": "An SD3.5 ControlNet .safetensors file from the controlnet folder "
@@ -375,7 +375,7 @@ class SD35ControlNetLoader:
 
     RETURN_TYPES = ("SD35_CONTROLNET",)
     RETURN_NAMES = ("control_net",)
-    OUTPUT_TOOLTIPS = ("The ControlNet, for SD35 Apply ControlNet.",)
+    OUTPUT_TOOLTIPS = ("The ControlNet, for SD3.5 Apply ControlNet.",)
     FUNCTION = "load"
     CATEGORY = "sd35/loaders"
     DESCRIPTION = "Loads an SD3.5 Large ControlNet (canny, blur or depth) and checks it against the diffusion model."
@@ -385,7 +385,7 @@ class SD35ControlNetLoader:
         return _mtime_token("controlnet", control_net_name, "controlnet")
 
     def load(self, model, control_net_name: str, weight_dtype: str = "default"):
-        model = diffusion_input(model, "SD35 ControlNet Loader")
+        model = diffusion_input(model, "SD3.5 ControlNet Loader")
         path = resolve_file("controlnet", control_net_name, "controlnet")
         device = model.device
         dtype = resolve_weight_dtype(weight_dtype, device)

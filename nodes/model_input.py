@@ -1,4 +1,4 @@
-"""What a ``model`` socket of the SD35 sampler and ControlNet loader may carry: our ``SD35_MODEL``, or a native
+"""What a ``model`` socket of the SD3.5 Sampler and ControlNet loader may carry: our ``SD35_MODEL``, or a native
 ComfyUI SD3 / SD3.5 ``MODEL`` (CheckpointLoaderSimple, UNETLoader, a GGUF or fp8 loader pack, after LoRA and
 other model nodes), and how each is made ready for sampling; likewise the ControlNet's ``vae`` socket, which
 takes our ``SD35_VAE`` or a ComfyUI ``VAE``.

@@ -118,7 +118,7 @@ def require_type(value, cls: type, socket: str, node: str):
         raise ValueError(f"{node}: the {socket} input is empty")
     if not isinstance(value, cls):
         raise ValueError(
-            f"{node}: the {socket} input got a {type(value).__name__}; it expects the output of an SD35 loader "
-            "node (native ComfyUI models cannot be used with the SD35 nodes)"
+            f"{node}: the {socket} input got a {type(value).__name__}; it expects the output of an SD3.5 loader "
+            "node (native ComfyUI models cannot be used with the SD3.5 nodes)"
         )
     return value

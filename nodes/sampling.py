@@ -28,7 +28,7 @@ from .objects import SD35Model
 
 log = logging.getLogger(__name__)
 
-NODE = "SD35 Sampler"
+NODE = "SD3.5 Sampler"
 
 
 def parse_layers(text: str) -> tuple[int, ...]:
@@ -68,7 +68,7 @@ def model_memory_estimate(model, latent: torch.Tensor, rows_per_image: int) -> i
 
 
 def _with_loras(model, runner):
-    """Our LoRA stack (SD35 LoRA Loader), merged for this run and undone after it; a native MODEL's LoRAs are
+    """Our LoRA stack (SD3.5 LoRA Loader), merged for this run and undone after it; a native MODEL's LoRAs are
     already in its weights."""
     return lora_context(model, runner) if isinstance(model, SD35Model) else contextlib.nullcontext(runner)
 
@@ -84,7 +84,7 @@ def build_hints(specs: list[ControlSpec], model, latent: torch.Tensor) -> list[C
         if kind is None:
             raise ValueError(
                 f"{NODE}: the ControlNet {cn.source} does not say whether it is a canny, blur or depth model; "
-                "choose control_type on SD35 Apply ControlNet"
+                "choose control_type on SD3.5 Apply ControlNet"
             )
         if spec.image.shape[0] not in (1, b):
             raise ValueError(f"{NODE}: the control image batch ({spec.image.shape[0]}) must be 1 or the latent "
@@ -105,16 +105,16 @@ class SD35Sampler:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": (MODEL_TYPES, {"tooltip": "The diffusion model: from SD35 Checkpoint Loader, or a "
+                "model": (MODEL_TYPES, {"tooltip": "The diffusion model: from SD3.5 Checkpoint Loader, or a "
                                                    "ComfyUI SD3 / SD3.5 MODEL (CheckpointLoaderSimple, "
                                                    "UNETLoader, GGUF loaders, after LoRA loaders)."}),
-                "positive": ("CONDITIONING", {"tooltip": "What the image should show (SD35 Text Encode, or "
+                "positive": ("CONDITIONING", {"tooltip": "What the image should show (SD3.5 Text Encode, or "
                                                          "ComfyUI's SD3 text encoding; timestep ranges and combine "
                                                          "are honoured)."}),
                 "negative": ("CONDITIONING", {"tooltip": "What the image should not show."}),
-                "latent": ("LATENT", {"tooltip": "SD35 Empty Latent for text-to-image, or an encoded image for "
+                "latent": ("LATENT", {"tooltip": "SD3.5 Empty Latent for text-to-image, or an encoded image for "
                                                  "image-to-image (with denoise below 1); a noise mask on it "
-                                                 "(SD35 VAE Encode (for inpaint), Set Latent Noise Mask) "
+                                                 "(SD3.5 VAE Encode (for Inpainting), Set Latent Noise Mask) "
                                                  "repaints only the masked part."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
                                  "tooltip": "Seed of the starting noise (the reference draws it on the CPU, so the "
@@ -170,11 +170,11 @@ class SD35Sampler:
 
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
-    OUTPUT_TOOLTIPS = ("The denoised latent (raw VAE space), for SD35 VAE Decode.",)
+    OUTPUT_TOOLTIPS = ("The denoised latent (raw VAE space), for SD3.5 VAE Decode.",)
     FUNCTION = "sample"
     CATEGORY = "sd35/sampling"
     DESCRIPTION = ("Samples an SD3 / SD3.5 model as the Stability reference does, with skip-layer guidance, "
-                   "the ControlNets attached by SD35 Apply ControlNet, and the latent's noise mask (inpainting "
+                   "the ControlNets attached by SD3.5 Apply ControlNet, and the latent's noise mask (inpainting "
                    "and outpainting, as ComfyUI's KSampler).")
 
     def sample(self, model, positive, negative, latent, seed, steps, cfg, sampler, schedule, shift, denoise,

@@ -9,7 +9,7 @@ from .conditioning import make_conditioning
 from .lora import lora_context
 from .objects import SD35Clip, require
 
-NODE = "SD35 Text Encode"
+NODE = "SD3.5 Text Encode"
 TOKENIZER_HINT = (
     f"Set {host.TOKENIZERS_ENV} to a folder holding clip/vocab.json, clip/merges.txt and t5/tokenizer.json "
     "before starting ComfyUI (this ComfyUI's own comfy/ folder should bundle both tokenizers)."
@@ -41,7 +41,7 @@ class SD35TextEncode:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "clip": ("SD35_CLIP", {"tooltip": "The text encoders (SD35 Text Encoder Loader, or a checkpoint "
+                "clip": ("SD35_CLIP", {"tooltip": "The text encoders (SD3.5 Text Encoder Loader, or a checkpoint "
                                                   "that bundles them)."}),
                 "text": ("STRING", {"multiline": True, "dynamicPrompts": True,
                                     "tooltip": "The prompt, for all three encoders. (word:1.2) weights work as in "
@@ -70,7 +70,7 @@ class SD35TextEncode:
     def encode(self, clip, text: str, clip_l_text: str = "", clip_g_text: str = "", t5xxl_text: str = "",
                t5_max_length: int = T5_MIN_LENGTH):
         clip = require(clip, "clip", NODE,
-                       "The checkpoint does not bundle text encoders: load them with SD35 Text Encoder Loader.")
+                       "The checkpoint does not bundle text encoders: load them with SD3.5 Text Encoder Loader.")
         if not isinstance(clip, SD35Clip):
             raise ValueError(f"{NODE}: the clip input expects an SD35_CLIP; got {type(clip).__name__}")
         encoder = text_encoder(clip)

@@ -100,6 +100,10 @@ def detect_parts(file: SafetensorsFile) -> dict[str, str]:
 
 def _describe_foreign(file: SafetensorsFile) -> str:
     keys = file.keys()
+    if find_prefix(keys, MARKERS["mmdit"]) is not None:
+        parts = ["diffusion model"] + [label for part, label in (("vae", "VAE"), ("clip", "text encoders"))
+                                       if find_prefix(keys, MARKERS[part]) is not None]
+        return f"an SD3/SD3.5 checkpoint ({', '.join(parts)})"
     if any(".input_blocks." in k or k.startswith("input_blocks.") for k in keys):
         return "a UNet checkpoint (SD1.x/SDXL layout), not an SD3/SD3.5 model"
     if any("double_blocks." in k for k in keys):

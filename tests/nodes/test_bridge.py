@@ -10,7 +10,7 @@ def test_bridge_node_says_a_comfyui_model_needs_comfyui(run_node):
 
 
 def test_bridge_node_refuses_what_is_not_an_sd35_model(run_node):
-    with pytest.raises(ValueError, match="expects the output of an SD35 loader"):
+    with pytest.raises(ValueError, match="expects the output of an SD3.5 loader"):
         run_node("SD35ToComfyModel", model=object(), shift=0.0)
 
 

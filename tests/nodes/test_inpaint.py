@@ -1,4 +1,4 @@
-"""Inpainting through the nodes: SD35 VAE Encode (for inpaint), and noise masks in SD35 Sampler."""
+"""Inpainting through the nodes: SD3.5 VAE Encode (for Inpainting), and noise masks in SD3.5 Sampler."""
 
 import pytest
 import torch
@@ -79,7 +79,7 @@ def test_encode_for_inpaint_tiled_equals_the_tiled_plain_encode_of_the_greyed_im
     ],
 )
 def test_encode_for_inpaint_bad_masks_are_node_errors(run_node, vae, mask, message):
-    with pytest.raises(ValueError, match=r"SD35 VAE Encode \(for inpaint\): .*" + message):
+    with pytest.raises(ValueError, match=r"SD3.5 VAE Encode \(for inpaint\): .*" + message):
         run_node("SD35VAEEncodeForInpaint", pixels=_image(b=2), vae=vae, mask=mask, grow_mask_by=6)
 
 
@@ -133,8 +133,8 @@ def test_set_latent_noise_mask_with_img2img_and_the_differential_mode(run_node, 
 @pytest.mark.parametrize(
     ("mask", "message"),
     [
-        (torch.full((1, SIZE, SIZE), float("nan")), r"SD35 Sampler: the latent's noise_mask: contains NaN"),
-        (torch.ones(3, SIZE, SIZE), r"SD35 Sampler: the latent's noise_mask: the mask batch \(3\) must be 1 or "
+        (torch.full((1, SIZE, SIZE), float("nan")), r"SD3.5 Sampler: the latent's noise_mask: contains NaN"),
+        (torch.ones(3, SIZE, SIZE), r"SD3.5 Sampler: the latent's noise_mask: the mask batch \(3\) must be 1 or "
                                     r"the latent batch \(2\)"),
     ],
 )

@@ -129,7 +129,7 @@ def test_missing_file_names_the_folders_searched(run_node, fresh_caches):
 
 
 def test_native_comfyui_objects_are_refused_with_a_clear_error(run_node):
-    with pytest.raises(ValueError, match="expects the output of an SD35 loader"):
+    with pytest.raises(ValueError, match="expects the output of an SD3.5 loader"):
         run_node("SD35ControlNetLoader", model=object(), control_net_name="x.safetensors")
 
 

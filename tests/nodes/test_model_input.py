@@ -25,8 +25,8 @@ def test_our_model_is_taken_as_it_is_and_loads_with_the_block_api(run_node, mode
 
 @pytest.mark.parametrize("check, socket", [("diffusion_input", "model"), ("vae_input", "vae")])
 def test_anything_else_is_refused_naming_the_node_and_socket(model_input, check, socket):
-    with pytest.raises(ValueError, match=f"SD35 Thing: the {socket} input got a dict"):
-        getattr(model_input, check)({}, "SD35 Thing")
+    with pytest.raises(ValueError, match=f"SD3.5 Thing: the {socket} input got a dict"):
+        getattr(model_input, check)({}, "SD3.5 Thing")
 
 
 def test_the_sockets_take_both_kinds_in_comfyuis_union_syntax(node_classes, model_input):

@@ -98,3 +98,21 @@ def test_host_falls_back_to_plain_torch_without_comfyui(pack):
     progress = host.Progress(3)
     progress.update(0, 3, torch.zeros(1, 16, 4, 4))
     assert progress.current == 1 and progress.last_preview.shape == (4, 4, 3)
+
+
+def test_error_messages_name_nodes_as_the_menu_shows_them(pack):
+    """A node an error names can be found by typing that name into ComfyUI's node search."""
+    import re
+
+    folder = os.path.join(os.path.dirname(pack.__file__), "nodes")
+    named = set()
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            source = open(os.path.join(folder, name), encoding="utf-8").read()
+            assert "SD35 " not in source, f"{name} still names a node the old way (SD35 ...)"
+            named |= set(re.findall(r'NODE = "([^"]+)"', source))
+            named |= set(re.findall(r'"(SD3\.5 [A-Za-z ()-]+?):', source))
+    assert named
+    shown = list(pack.NODE_DISPLAY_NAME_MAPPINGS.values())
+    for name in named:
+        assert any(d.startswith(name) for d in shown), f"{name!r} is not how the menu shows any node"

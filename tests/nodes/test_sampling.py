@@ -170,9 +170,9 @@ def test_missing_vae_is_a_clear_error(run_node, parts):
                                 weight_dtype="default")
     assert vae is None and clip is None
     latent = {"samples": torch.zeros(1, 16, 4, 4)}
-    with pytest.raises(ValueError, match="SD35 VAE Decode: the vae input is empty.*SD35 VAE Loader"):
+    with pytest.raises(ValueError, match="SD3.5 VAE Decode: the vae input is empty.*SD3.5 VAE Loader"):
         run_node("SD35VAEDecode", samples=latent, vae=vae)
-    with pytest.raises(ValueError, match="SD35 Text Encode: the clip input is empty.*SD35 Text Encoder Loader"):
+    with pytest.raises(ValueError, match="SD3.5 Text Encode: the clip input is empty.*SD3.5 Text Encoder Loader"):
         run_node("SD35TextEncode", clip=clip, text="x")
 
 

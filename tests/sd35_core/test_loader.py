@@ -114,6 +114,13 @@ def test_a_controlnet_release_file_loads_with_its_control_type(tiny_models):
 # ---- bad input: each a CheckpointError naming the file and what was expected ----
 
 
+def test_a_checkpoint_in_the_controlnet_slot_is_called_a_checkpoint(tiny_models):
+    model = loader.load_checkpoint(tiny_models.checkpoints["sd3.5_large"]).model
+    with pytest.raises(CheckpointError, match=r"an SD3/SD3\.5 checkpoint \(diffusion model, VAE\)") as info:
+        loader.load_controlnet(tiny_models.checkpoints["sd3.5_large"], model)
+    assert "a VAE" not in str(info.value)
+
+
 def test_an_sdxl_layout_file_is_named_as_a_unet_checkpoint(tmp_path):
     path = str(tmp_path / "sd_xl_base_1.0.safetensors")
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3),

@@ -82,16 +82,22 @@ UNSUPPORTED_KINDS = {".oft_blocks": "OFT", ".oft_diag": "OFT", ".oft_R.weight": 
                      ".a1.weight": "GLoRA", ".b1.weight": "GLoRA"}
 
 
-def _foreign_hint(names) -> str:
+def _foreign_kind(names) -> str:
+    """What a file that is no SD3 LoRA is, as a phrase ("it is ...", "it looks like ..."), or ``""``."""
     names = list(names)
     kinds = sorted({kind for n in names for suffix, kind in UNSUPPORTED_KINDS.items() if n.endswith(suffix)})
     if kinds:
-        return f"; it is a LyCORIS {'/'.join(kinds)} file, which this pack does not apply (LoRA, LoHa, LoKr, DoRA do)"
+        return f"it is a LyCORIS {'/'.join(kinds)} file, which this pack does not apply (LoRA, LoHa, LoKr, DoRA do)"
     if any("input_blocks" in n or "down_blocks" in n or "lora_unet_down" in n or "lora_unet_up" in n for n in names):
-        return "; it looks like an SD1.x/SDXL (UNet) LoRA"
+        return "it looks like an SD1.x/SDXL (UNet) LoRA"
     if any("double_blocks" in n or "single_blocks" in n or "single_transformer_blocks" in n for n in names):
-        return "; it looks like a Flux LoRA"
+        return "it looks like a Flux LoRA"
     return ""
+
+
+def _foreign_hint(names) -> str:
+    kind = _foreign_kind(names)
+    return f"; {kind}" if kind else ""
 
 
 def _diffusers_alpha(metadata: Mapping[str, str], name: str) -> tuple[float, bool] | None:
@@ -220,14 +226,15 @@ def unknown_hint(lora: LoraFile) -> str:
 
 
 def what_it_looks_like(lora: LoraFile) -> str:
-    """A guess for a file that matched nothing: another architecture, or another SD3 size."""
-    hint = _foreign_hint(lora.groups)
-    if hint:
-        return hint[2:]
+    """A guess for a file that matched nothing, as a phrase: another architecture, or another SD3 size."""
+    kind = _foreign_kind(lora.groups)
+    if kind:
+        return kind
     names = list(lora.groups)
     if any("joint_blocks" in n or "transformer_blocks" in n for n in names):
-        return "an SD3-family LoRA for another model size or layout (e.g. SD3.5 Medium's attn2 layers on Large)"
-    return f"no SD3 layout (first keys: {', '.join(names[:3])})"
+        return ("it looks like an SD3-family LoRA for another model size or layout (e.g. SD3.5 Medium's attn2 layers "
+                "on Large)")
+    return f"it has no SD3 layout (first keys: {', '.join(names[:3])})"
 
 
 TEXT_NAME_PREFIXES = ("lora_te", "text_encoder", "text_encoders.", "clip_l.", "clip_g.", "t5xxl.")
@@ -288,7 +295,7 @@ def load_lora(
     left = [n for n in left if n not in skipped_text]
     if not used and not skipped_text:
         raise LoraError(f"{lora.path}: none of its {len(lora.groups)} LoRA modules matches this SD3/SD3.5 model; "
-                        f"it looks like {what_it_looks_like(lora)}")
+                        f"{what_it_looks_like(lora)}")
     if skipped_text:
         log.info("%s: %d text-encoder LoRA modules not applied (no clip connected)", lora.name, len(skipped_text))
     if left:

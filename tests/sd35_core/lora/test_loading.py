@@ -31,8 +31,9 @@ def _file(tmp_path, groups, name="lora.safetensors"):
 def test_sdxl_and_flux_loras_say_what_they_are(tmp_path, medium):
     sdxl = _file(tmp_path, {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": (640, 640)},
                  "sdxl.safetensors")
-    with pytest.raises(LoraError, match=r"sdxl\.safetensors.*SD1\.x/SDXL"):
+    with pytest.raises(LoraError, match=r"sdxl\.safetensors.*SD1\.x/SDXL") as info:
         load_lora(sdxl, mmdit=medium)
+    assert str(info.value).count("it looks like") == 1
     flux = _file(tmp_path, {"lora_unet_double_blocks_0_img_attn_qkv": (9216, 3072)}, "flux.safetensors")
     with pytest.raises(LoraError, match=r"flux\.safetensors.*Flux"):
         load_lora(flux, mmdit=medium)
