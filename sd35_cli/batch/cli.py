@@ -11,10 +11,11 @@ from collections.abc import Sequence
 
 from .client import HAVE_WEBSOCKET, ComfyClient
 from .errors import BatchError, WorkflowError
+from .jobs import prepare_jobs
 from .manifest import Manifest, is_done
 from .progress import Progress
 from .rows import FORMATS, expand_jobs, parse_overrides, read_prompts, used_columns, with_overrides
-from .runner import ROW_TIMEOUT_S, BatchRun, prepare_jobs
+from .runner import ROW_TIMEOUT_S, BatchRun
 from .targets import describe_targets, resolve_targets
 from .validation import validate
 from .workflow import is_link, load_workflow, to_api

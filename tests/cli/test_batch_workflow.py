@@ -14,8 +14,8 @@ import os
 import pytest
 
 from sd35_cli.batch.errors import WorkflowError
+from sd35_cli.batch.jobs import prepare_jobs
 from sd35_cli.batch.rows import Job, Row
-from sd35_cli.batch.runner import prepare_jobs
 from sd35_cli.batch.targets import Target, apply_settings, default_targets, describe_targets, resolve_targets
 from sd35_cli.batch.validation import validate
 from sd35_cli.batch.workflow import load_workflow, to_api, ui_to_api, workflow_format
