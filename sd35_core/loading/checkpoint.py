@@ -119,16 +119,22 @@ class SafetensorsFile:
         """The tensor as stored: a zero-copy view of the memory-mapped file."""
         return self._handle.get_tensor(key)
 
-    def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
+    def read_into(self, key: str, out: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Fill ``out`` (same number of elements, any dtype and device) with tensor ``key``, converting.
 
-        Reads go through one reusable CPU buffer, so converting costs one pass over the file's bytes and
-        no second full-size copy of the tensor.
+        ``rows`` ``(start, stop)`` reads only those rows of the first axis (a contiguous byte range), for layouts
+        that store one official tensor in pieces or one piece of several. Reads go through one reusable CPU
+        buffer, so converting costs one pass over the file's bytes and no second full-size copy of the tensor.
         """
         src_dtype = self.dtype(key)
         begin, end = self._header[key]["data_offsets"]
-        if out.numel() != math.prod(self.shape(key)):
-            raise ValueError(f"read_into '{key}': {out.numel()} elements in out, {math.prod(self.shape(key))} stored")
+        shape = self.shape(key)
+        if rows is not None:
+            row_bytes = (end - begin) // shape[0] if shape and shape[0] else 0
+            begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
+            shape = (rows[1] - rows[0], *shape[1:])
+        if out.numel() != math.prod(shape):
+            raise ValueError(f"read_into '{key}': {out.numel()} elements in out, {math.prod(shape)} stored")
         flat = out.view(-1)
         item = src_dtype.itemsize
         step = max(item, READ_CHUNK_BYTES // item * item)

@@ -3,8 +3,9 @@
 Every official layout is detected by key names, never by file name: single files with the diffusion model
 under ``model.diffusion_model.`` and the VAE under ``first_stage_model.`` (optionally bundling the text
 encoders under ``text_encoders.*.transformer.``), bare diffusion models, HF-layout text encoder files, and
-Stability's ControlNet release files. GGUF files (told apart by their content) hold a bare diffusion
-model whose quantized weights stay quantized in memory.
+Stability's ControlNet release files. diffusers' layouts (a transformer or VAE file, or a whole model folder as
+the model path) are seen in the official layout by key (:mod:`.diffusers_layout`). GGUF files (told apart by
+their content) hold a bare diffusion model whose quantized weights stay quantized in memory.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from ..models.mmditx import MMDiTConfig, MMDiTX
 from ..models.t5 import T5Config, T5Encoder
 from ..models.vae import VAE, VAEConfig
 from .checkpoint import DTypePolicy, SafetensorsFile, find_prefix, load_weights, open_safetensors
+from .diffusers_folder import is_model_folder, open_model_folder
+from .diffusers_layout import official_view
 from .gguf.reader import GGUFFile, is_gguf
 from .gguf.sd3 import open_sd3_gguf
 from .text_roles import BUNDLED_TEXT_PREFIXES, check_role, check_text_encoder_files, identify_for_role
@@ -81,6 +84,11 @@ class ModelParts:
     model: DiffusionModel | None
     vae: VAE | None
     text_encoders: TextEncoders | None
+
+
+def open_model_file(path: str | os.PathLike):
+    """A safetensors file in the official layout: the file itself, or a view of it when it is in diffusers' names."""
+    return official_view(open_safetensors(path))
 
 
 def detect_parts(file: SafetensorsFile) -> dict[str, str]:
@@ -190,7 +198,9 @@ def checkpoint_parts(path: str | os.PathLike) -> dict[str, str]:
         file, prefix = open_sd3_gguf(path)
         file.close()
         return {"mmdit": prefix}
-    return detect_parts(open_safetensors(path))
+    if is_model_folder(path):
+        return {part: "" for part in open_model_folder(path)}
+    return detect_parts(open_model_file(path))
 
 
 def inspect_diffusion_model(path: str | os.PathLike) -> tuple[MMDiTConfig, str]:
@@ -198,7 +208,7 @@ def inspect_diffusion_model(path: str | os.PathLike) -> tuple[MMDiTConfig, str]:
     if is_gguf(path):
         file, prefix = open_sd3_gguf(path)
     else:
-        file = open_safetensors(path)
+        file = open_model_folder(path)["mmdit"] if is_model_folder(path) else open_model_file(path)
         prefix = detect_parts(file).get("mmdit")
         if prefix is None:
             raise file.error(f"an SD3/SD3.5 checkpoint (MMDiT weights); this file is {_describe_foreign(file)}")
@@ -231,7 +241,9 @@ def load_checkpoint(
             model = _load_mmdit(file, prefix, DTypePolicy(None, policy.compute), device)
             check_all_used(file, {"mmdit": prefix}, labels=PART_LABELS)
             return ModelParts(model, None, None)
-    file = open_safetensors(path)
+    if os.path.isdir(path):
+        return _load_model_folder(path, policy, device, text_dtype)
+    file = open_model_file(path)
     parts = detect_parts(file)
     if "mmdit" not in parts:
         raise file.error(f"an SD3/SD3.5 checkpoint (MMDiT weights); this file is {_describe_foreign(file)}")
@@ -252,9 +264,37 @@ def load_checkpoint(
     return ModelParts(model, vae, text)
 
 
+def _load_model_folder(path, policy: DTypePolicy, device, text_dtype: str | None) -> ModelParts:
+    """A diffusers model folder: each part from its own file, every file read in full."""
+    files = open_model_folder(path)
+    loaded: dict[str, object] = {}
+    text_policy = DTypePolicy.named(text_dtype or ("fp32" if torch.device(device).type == "cpu" else "fp16"), device)
+    for part, file in files.items():
+        marker = MARKERS["t5" if part == "t5xxl" else "clip" if part.startswith("clip") else part]
+        prefix = find_prefix(file.keys(), marker)
+        if prefix is None:
+            raise file.error(f"{PART_LABELS[part]} (its '{marker}'); this file is {_describe_foreign(file)}")
+        if part == "mmdit":
+            loaded[part] = _load_mmdit(file, prefix, policy, device)
+        elif part == "vae":
+            loaded[part] = _load_vae(file, prefix, policy, device)
+        elif part == "t5xxl":
+            loaded[part] = _load_t5(file, prefix, text_policy, device)
+        else:
+            check_role(file, part, identify_for_role(file, part))
+            loaded[part] = _load_clip(file, prefix, part, text_policy, device)
+        check_all_used(file, {part: prefix}, labels=PART_LABELS)
+    model = loaded["mmdit"]
+    model.path = os.fspath(path)
+    text = None
+    if "clip_l" in loaded and "clip_g" in loaded:
+        text = TextEncoders(loaded["clip_l"], loaded["clip_g"], loaded.get("t5xxl"))
+    return ModelParts(model, loaded.get("vae"), text)
+
+
 def load_vae(path: str | os.PathLike, dtype: str = "default", device: str | torch.device = "cpu") -> VAE:
-    """Load a VAE from a standalone VAE file or from a checkpoint that bundles one."""
-    file = open_safetensors(path)
+    """Load a VAE from a standalone VAE file (official or diffusers layout) or from a checkpoint that bundles one."""
+    file = open_model_file(path)
     prefix = find_prefix(file.keys(), MARKERS["vae"])
     if prefix is None:
         raise file.error(f"a VAE (decoder.conv_in.weight); this file is {_describe_foreign(file)}")
