@@ -13,8 +13,11 @@ import torch
 
 from ..errors import NonFiniteError
 
+# Where the weights are not the suspect (the VAE's input comes from whatever sampler made the latent).
 WHAT_TO_TRY = ("try loading the weights in bf16 or fp32 (fp16 overflows on SD3.5); if bf16 or fp32 gives the same, "
                "the file may be damaged (a broken merge or conversion): download or convert it again")
+SCALED_FP8 = "scaled fp8"
+GGUF = "GGUF"
 
 
 def has_non_finite(x: torch.Tensor) -> bool:
@@ -34,15 +37,51 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _storage(layer: torch.nn.Module) -> str:
+    quant = getattr(layer, "weight_quant", None)
+    if quant is not None:
+        qtype = getattr(quant, "qtype", None)
+        return f"{GGUF} {getattr(qtype, 'name', qtype)}"
+    name = dtype_name(layer.weight.dtype)
+    if getattr(layer, "weight_scale", None) is not None:
+        return f"{name} with per-tensor scales ({SCALED_FP8})"
+    return name
+
+
 def weights_label(module: torch.nn.Module) -> str:
-    """How ``module``'s large weights are stored: the dtype of its first linear layer's weight (``fp8`` keeps
-    norms and biases in the compute dtype), or its quantisation type when it has one (GGUF)."""
+    """How ``module``'s large weights are stored: the storage of most of its linear-layer weights, by size.
+
+    ``float32``, ``bfloat16``, ``float16``, ``float8_e4m3fn`` (norms and biases stay in the compute dtype), a
+    scaled-fp8 file's ``float8_e4m3fn with per-tensor scales (scaled fp8)``, or ``GGUF Q4_0`` and the like.
+    """
+    sizes: dict[str, int] = {}
     for layer in module.modules():
         if isinstance(layer, torch.nn.Linear) or hasattr(layer, "weight_quant"):
-            quant = getattr(layer, "weight_quant", None)
-            qtype = getattr(quant, "qtype", None)
-            return getattr(qtype, "name", None) or dtype_name(layer.weight.dtype)
+            kind = _storage(layer)
+            sizes[kind] = sizes.get(kind, 0) + layer.weight.numel()
+    if sizes:
+        return max(sizes, key=sizes.__getitem__)
     return dtype_name(next(module.parameters()).dtype)
+
+
+def what_to_try(weights: str, compute: torch.dtype) -> str:
+    """What could help, given how the weights are stored (:func:`weights_label`) and the compute dtype."""
+    if compute == torch.float16 or weights == "float16":
+        return ("try loading the weights in bf16 or fp32 (fp16 overflows on SD3.5, in storage and in arithmetic); "
+                "if bf16 or fp32 gives the same, the file may be damaged: download or convert it again")
+    if weights.startswith(GGUF):
+        return ("try a less quantized GGUF (Q8_0) or the fp16/bf16 file of the same model; if that samples, this "
+                "GGUF lost too much or was converted wrongly: convert or download it again")
+    if SCALED_FP8 in weights:
+        return ("the per-tensor scales keep fp8 weights in range, so the scaled file itself is the suspect (damaged, "
+                "or its scales made for other weights): try the fp16/bf16 release of the same model, and download "
+                "or convert the scaled file again")
+    if weights.startswith("float8"):
+        return ("fp8 without per-tensor scales clips or flushes weights that fall outside its range: load the "
+                "weights as bf16, or use a scaled-fp8 file (ComfyUI's *_fp8_scaled); if bf16 gives the same, the "
+                "file may be damaged: download or convert it again")
+    return ("the weights are stored at full or bf16 precision, so the file may be damaged (a broken merge or "
+            "conversion): download or convert it again")
 
 
 def check_denoised(denoised: torch.Tensor, step: int, steps: int, weights: str, compute: torch.dtype) -> None:
@@ -51,7 +90,7 @@ def check_denoised(denoised: torch.Tensor, step: int, steps: int, weights: str, 
     if has_non_finite(denoised):
         raise NonFiniteError(
             f"sampling: the model's output at step {step} of {steps} holds {describe_non_finite(denoised)} "
-            f"(weights {weights}, computing in {dtype_name(compute)}); {WHAT_TO_TRY}"
+            f"(weights {weights}, computing in {dtype_name(compute)}); {what_to_try(weights, compute)}"
         )
 
 
@@ -70,5 +109,5 @@ def check_vae_output(pixels: torch.Tensor, weights: str, compute: torch.dtype) -
     if has_non_finite(pixels):
         raise NonFiniteError(
             f"VAE decode: the decoded image holds {describe_non_finite(pixels)} although the latent was finite "
-            f"(VAE weights {weights}, computing in {dtype_name(compute)}); {WHAT_TO_TRY}"
+            f"(VAE weights {weights}, computing in {dtype_name(compute)}); {what_to_try(weights, compute)}"
         )

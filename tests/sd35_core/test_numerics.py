@@ -36,8 +36,8 @@ def test_nan_weights_stop_sampling_at_the_first_step_naming_dtype_and_what_to_tr
         # inside attention's q/k may instead be dropped by the CPU attention kernel's running max.)
         model.joint_blocks[1].x_block.mlp.fc2.weight[0, 0] = float("nan")
     with pytest.raises(NonFiniteError, match=r"sampling: the model's output at step 1 of 3 holds NaN \(\d+ of 256 "
-                                             r"values\) \(weights float32, computing in float32\); try loading the "
-                                             r"weights in bf16 or fp32.*the file may be damaged"):
+                                             r"values\) \(weights float32, computing in float32\); the weights are "
+                                             r"stored at full or bf16 precision, so the file may be damaged"):
         _run(model)
 
 
@@ -59,6 +59,37 @@ def test_weights_label_names_the_storage_of_the_large_matrices():
     model = tiny_mmdit("sd3.5_large", seed=0)
     assert weights_label(model) == "float32"
     assert weights_label(model.to(torch.bfloat16)) == "bfloat16"
+
+
+def _write_and_load(tmp_path, storage: str):
+    from bench.gguf_write import write_gguf
+    from sd35_core.loading import loader, tiny
+
+    state = tiny_mmdit("sd3.5_large", seed=0).state_dict()
+    if storage == "scaled fp8":
+        mmdit = tiny_mmdit("sd3.5_large", seed=0)
+        scaled, _ = tiny.scaled_fp8_state(state, tiny.linear_weight_keys(mmdit))
+        path = tiny.save_state(tmp_path / "m.safetensors", {"": scaled})
+        return loader.load_checkpoint(path, "fp32").model.mmdit
+    if storage == "gguf":
+        path = write_gguf(tmp_path / "m.gguf", {k: v.half() for k, v in state.items()}, "Q8_0")
+        return loader.load_checkpoint(path, "fp32").model.mmdit
+    path = tiny.save_state(tmp_path / "m.safetensors", {"": state})
+    return loader.load_checkpoint(path, "fp8_e4m3fn").model.mmdit
+
+
+@pytest.mark.parametrize("storage,label,advice", [
+    ("scaled fp8", r"float8_e4m3fn with per-tensor scales \(scaled fp8\)",
+     r"the per-tensor scales keep fp8 weights in range, so the scaled file itself is the suspect"),
+    ("gguf", r"GGUF Q8_0", r"try a less quantized GGUF \(Q8_0\) or the fp16/bf16 file"),
+    ("fp8", r"float8_e4m3fn", r"fp8 without per-tensor scales clips .* use a scaled-fp8 file"),
+])
+def test_the_guard_names_the_storage_and_suggests_what_could_help_for_it(tmp_path, storage, label, advice):
+    model = _write_and_load(tmp_path, storage)
+    with torch.no_grad():
+        model.final_layer.linear.bias.fill_(float("nan"))
+    with pytest.raises(NonFiniteError, match=rf"\(weights {label}, computing in \w+\); {advice}"):
+        _run(model)
 
 
 @pytest.mark.parametrize("tiled", [False, True])
