@@ -80,8 +80,8 @@ def what_to_try(weights: str, compute: torch.dtype) -> str:
         return ("fp8 without per-tensor scales clips or flushes weights that fall outside its range: load the "
                 "weights as bf16, or use a scaled-fp8 file (ComfyUI's *_fp8_scaled); if bf16 gives the same, the "
                 "file may be damaged: download or convert it again")
-    return ("the weights are stored at full or bf16 precision, so the file may be damaged (a broken merge or "
-            "conversion): download or convert it again")
+    return ("weights in bf16 or fp32 do not overflow, so the file may be damaged (a broken merge or conversion): "
+            "download or convert it again")
 
 
 def check_denoised(denoised: torch.Tensor, step: int, steps: int, weights: str, compute: torch.dtype) -> None:

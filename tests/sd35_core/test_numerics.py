@@ -36,8 +36,8 @@ def test_nan_weights_stop_sampling_at_the_first_step_naming_dtype_and_what_to_tr
         # inside attention's q/k may instead be dropped by the CPU attention kernel's running max.)
         model.joint_blocks[1].x_block.mlp.fc2.weight[0, 0] = float("nan")
     with pytest.raises(NonFiniteError, match=r"sampling: the model's output at step 1 of 3 holds NaN \(\d+ of 256 "
-                                             r"values\) \(weights float32, computing in float32\); the weights are "
-                                             r"stored at full or bf16 precision, so the file may be damaged"):
+                                             r"values\) \(weights float32, computing in float32\); weights in bf16 or "
+                                             r"fp32 do not overflow, so the file may be damaged"):
         _run(model)
 
 
