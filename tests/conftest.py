@@ -1,8 +1,8 @@
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+from tests.shared import IMAGES, ROOT, SHARED, TOKENIZERS  # noqa: F401  (re-exported for the test modules)
+
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
@@ -12,10 +12,6 @@ import torch  # noqa: E402
 # The tiny models in these tests are far too small to gain from intra-op threads; on a shared two-core CI
 # machine extra threads only wait for each other (measured: 240 sampler tests, 20 s vs 64-153 s).
 torch.set_num_threads(1)
-
-TOKENIZERS = os.path.join(SHARED, "tokenizers")
-IMAGES = os.path.join(SHARED, "images")
-
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):

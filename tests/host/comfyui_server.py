@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+from ..shared import ROOT, SHARED  # noqa: F401  (re-exported for the host tests)
+
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 PACK_DIR = "comfyui_sd35"  # the folder name the pack gets in the server's custom_nodes
 START_TIMEOUT = 180

@@ -14,7 +14,8 @@ import time
 import pytest
 
 from ..cli.batch_graphs import txt2img_api
-from .comfyui_server import COMFYUI_PATH, ROOT, START_TIMEOUT, write_models_yaml
+from ..shared import IMAGES
+from .comfyui_server import COMFYUI_PATH, START_TIMEOUT, write_models_yaml
 from .faulty_proxy import FaultyProxy
 from .test_batch_host import _CLIENTS, Comfy, client, images_in, prompts_csv, wait_for
 from .test_batch_host import finish as _finish
@@ -142,7 +143,7 @@ def test_a_row_whose_image_vanished_during_the_run_fails_alone_and_a_rerun_does_
     wf = tmp_path / "controlnet.json"
     wf.write_text(json.dumps(api))
     (tmp_path / "img").mkdir()
-    canny = Image.open(os.path.join(ROOT, "..", "shared", "images", "canny.png")).convert("RGB").resize((64, 64))
+    canny = Image.open(os.path.join(IMAGES, "canny.png")).convert("RGB").resize((64, 64))
     canny.save(tmp_path / "img" / "first.png")
     canny.rotate(90).save(tmp_path / "img" / "last.png")
     rows = [f"a tower,img/first.png,{i}\n" for i in range(5)] + ["a tower,img/last.png,5\n"]

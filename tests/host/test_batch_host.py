@@ -19,6 +19,7 @@ import urllib.request
 import pytest
 
 from ..cli.batch_graphs import txt2img_api, ui_txt2img
+from ..shared import IMAGES
 from .comfyui_server import (
     COMFYUI_PATH,
     ROOT,
@@ -302,7 +303,7 @@ def test_control_images_are_uploaded_per_row(servers, tmp_path):
     wf.write_text(json.dumps(api))
     (tmp_path / "img").mkdir()
     for name in ("canny", "depth"):
-        Image.open(os.path.join(ROOT, "..", "shared", "images", f"{name}.png")).convert("RGB").resize(
+        Image.open(os.path.join(IMAGES, f"{name}.png")).convert("RGB").resize(
             (64, 64)).save(tmp_path / "img" / f"{name}.png")
     prompts = tmp_path / "rows.csv"
     prompts.write_text("prompt,control_image,seed\na tower,img/canny.png,5\na tower,img/depth.png,5\n")

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+from ..shared import ROOT, SHARED
+
 PACK_NAME = "comfyui_sd35"
 
 

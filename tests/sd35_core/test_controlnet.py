@@ -28,9 +28,7 @@ from sd35_core.models.controlnet import (
 )
 from sd35_core.models.mmditx import MMDiTConfig
 from sd35_core.sampling.control import ControlHint, controlnet_residuals, expand_residuals
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-IMAGES = os.path.join(os.path.dirname(ROOT), "shared", "images")
+from tests.shared import IMAGES
 
 HIDDEN, LAYERS, POOLED = 128, 2, 192
 

@@ -20,9 +20,8 @@ from sd35_core.image.preprocess import (
     gray8,
     normalize_depth,
 )
+from tests.shared import IMAGES
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-IMAGES = os.path.join(os.path.dirname(ROOT), "shared", "images")
 NAMES = ("canny", "blur", "depth")
 SIZE = 256  # the shipped files are 1024 px; a quarter keeps the comparisons fast
 
