@@ -10,10 +10,12 @@ so that skip-layer guidance can run the blocks before the first skipped one once
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -107,11 +109,14 @@ class JointState:
     context: torch.Tensor | None  # [B, Lc, hidden]; None after the last (pre-only) context block
     c: torch.Tensor  # [B, hidden]
     hw: tuple[int, int]  # latent height, width
+    # Per-row IP-Adapter input of the joint blocks (an ``ip_adapter.IPRows``), or None without one.
+    ip: Any = None
 
     def select(self, idx: slice) -> JointState:
         """The same state for a slice of the batch (views, no copies)."""
         context = None if self.context is None else self.context[idx]
-        return JointState(self.x[idx], context, self.c[idx], self.hw)
+        ip = None if self.ip is None else self.ip.select(idx)
+        return JointState(self.x[idx], context, self.c[idx], self.hw, ip)
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -183,7 +188,10 @@ class SelfAttention(nn.Module):
         self.ln_k = ops.RMSNorm(dim // heads, eps=1e-6, device=device, dtype=dtype) if qk_norm else None
 
     def pre_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.normalize(*self.qkv(x).chunk(3, dim=-1))
+
+    def normalize(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """The qk-norm of projected ``q``, ``k`` (new tensors; the inputs stay as they were)."""
         if self.ln_q is not None:
             q = self.ln_q(q.unflatten(-1, (self.heads, -1))).flatten(-2)
             k = self.ln_k(k.unflatten(-1, (self.heads, -1))).flatten(-2)
@@ -215,12 +223,17 @@ class DismantledBlock(nn.Module):
             self.mlp = Mlp(hidden, int(hidden * mlp_ratio), device=device, dtype=dtype)
         self.adaLN_modulation = _adaln(hidden, self.n_mods, device, dtype)
 
-    def pre_attention(self, x: torch.Tensor, c: torch.Tensor):
-        """``(q, k, v)`` of the main attention, the modulations, and the normed input (for :meth:`attn2_qkv`)."""
+    def pre_attention(self, x: torch.Tensor, c: torch.Tensor, raw: bool = False):
+        """``(q, k, v)`` of the main attention, the modulations, and the normed input (for :meth:`attn2_qkv`).
+
+        ``raw=True`` returns the projections before the qk-norm instead (what an IP-Adapter attends from).
+        """
         # mods: shift, scale, gate (attention); shift, scale, gate (MLP); shift, scale, gate (attn2)
         mods = self.adaLN_modulation(c).unsqueeze(1).chunk(self.n_mods, dim=-1)
         x_norm = self.norm1(x)
-        return self.attn.pre_attention(_modulate(x_norm, mods[0], mods[1])), mods, x_norm
+        modulated = _modulate(x_norm, mods[0], mods[1])
+        qkv = self.attn.qkv(modulated).chunk(3, dim=-1) if raw else self.attn.pre_attention(modulated)
+        return qkv, mods, x_norm
 
     def attn2_qkv(self, x_norm: torch.Tensor, mods) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.attn2.pre_attention(_modulate(x_norm, mods[6], mods[7]))
@@ -263,12 +276,19 @@ class JointBlock(nn.Module):
         )
 
     def forward(
-        self, context: torch.Tensor, x: torch.Tensor, c: torch.Tensor
+        self, context: torch.Tensor, x: torch.Tensor, c: torch.Tensor, ip=None
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Both streams through the block; ``ip(attn, q, k, v, heads)``, when given, returns the image part of
+        the attention output with the IP-Adapter's terms added, from the image stream's raw ``q, k, v``."""
         # Peak memory is set here: each intermediate is dropped as soon as what follows no longer needs it,
         # and attn2's q, k, v are made only after the joint attention, never alive together with its own.
         ctx_qkv, ctx_mods, _ = self.context_block.pre_attention(context, c)
-        x_qkv, x_mods, x_norm = self.x_block.pre_attention(x, c)
+        raw = None
+        if ip is None:
+            x_qkv, x_mods, x_norm = self.x_block.pre_attention(x, c)
+        else:
+            raw, x_mods, x_norm = self.x_block.pre_attention(x, c, raw=True)
+            x_qkv = self.x_block.attn.normalize(*raw)
         q, k, v = (torch.cat(pair, dim=1) for pair in zip(ctx_qkv, x_qkv, strict=True))
         del ctx_qkv, x_qkv
         attn = ops.attention(q, k, v, self.heads)
@@ -282,7 +302,11 @@ class JointBlock(nn.Module):
         if self.x_block.attn2 is not None:
             attn2 = ops.attention(*self.x_block.attn2_qkv(x_norm, x_mods), self.heads)
         del x_norm
-        return context, self.x_block.post_attention(x, attn[:, n_ctx:], attn2, x_mods)
+        x_attn = attn[:, n_ctx:]
+        if raw is not None:
+            x_attn = ip(x_attn, *raw, self.heads)
+            del raw
+        return context, self.x_block.post_attention(x, x_attn, attn2, x_mods)
 
 
 class FinalLayer(nn.Module):
@@ -390,10 +414,13 @@ class MMDiTX(nn.Module):
                 continue
             if context is None:
                 raise ValueError(f"joint block {i}: no context tokens left (the last block has already run)")
-            context, x = self.joint_blocks[i](context, x, state.c)
+            if state.ip is None:
+                context, x = self.joint_blocks[i](context, x, state.c)
+            else:
+                context, x = self.joint_blocks[i](context, x, state.c, functools.partial(state.ip.add_to, i))
             if block_residuals is not None and block_residuals[i] is not None:
                 x = x + block_residuals[i].to(x.dtype)
-        return JointState(x, context, state.c, state.hw)
+        return JointState(x, context, state.c, state.hw, state.ip)
 
     def unembed(self, state: JointState) -> torch.Tensor:
         """Final layer and unpatchify: ``[B, out_channels, H, W]`` in float32."""
@@ -412,8 +439,11 @@ class MMDiTX(nn.Module):
         y: torch.Tensor,
         skip_layers: Sequence[int] = (),
         block_residuals: Sequence[torch.Tensor | None] | None = None,
+        ip=None,
     ) -> torch.Tensor:
-        """Velocity prediction for latent ``x`` at ``timestep`` = sigma*1000 (float32 ``[B, C, H, W]``)."""
+        """Velocity prediction for latent ``x`` at ``timestep`` = sigma*1000 (float32 ``[B, C, H, W]``);
+        ``ip`` is the rows' IP-Adapter input (``ip_adapter.IPRows``) or ``None``."""
         state = self.embed(x, timestep, context, y)
+        state.ip = ip
         state = self.run_blocks(state, skip_layers=skip_layers, block_residuals=block_residuals)
         return self.unembed(state)

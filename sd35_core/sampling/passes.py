@@ -24,6 +24,7 @@ which needs block 0 on its own, is refused by name.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ import torch
 from ..models.mmditx import JointState, MMDiTConfig, MMDiTX
 from ..models.numerics import weights_label
 from .control import ControlHint, controlnet_residuals, expand_residuals
+from .ip_adapter import ip_rows, positive_rows
 
 TIMESTEP_SCALE = 1000.0
 
@@ -50,7 +52,8 @@ class PassStats:
 @dataclass
 class RowBatch:
     """One batched model pass of a step: latents, sigmas, conditioning rows, and how many leading rows also
-    take the skip-layer pass (0 when SLG is off at this step)."""
+    take the skip-layer pass (0 when SLG is off at this step). Rows of an area entry hold the latent cropped to
+    it (padded to the patch size); ``crop`` is then the area's size ``(h, w)`` before padding."""
 
     x: torch.Tensor
     sigma: torch.Tensor
@@ -58,6 +61,8 @@ class RowBatch:
     pooled: torch.Tensor
     n_skip: int
     entries: tuple = ()  # which conditioning entries the rows belong to (the step cache keys on it)
+    crop: tuple[int, int] | None = None  # an area's size before padding; None: the whole latent
+    ip_adapters: tuple = ()  # the IP-Adapter hints active at this step (sampling.ip_adapter.IPAdapterHint)
 
 
 @dataclass
@@ -113,7 +118,7 @@ class _Passes:
         total: list[torch.Tensor | None] | None = None
         for hint in hints:
             outputs = controlnet_residuals(self.control_input, hint.controlnet, g.x, g.sigma, g.pooled,
-                                           hint.cond_latent, hint.strength)
+                                           hint.latent_for(tuple(g.x.shape[-2:]), g.crop), hint.strength)
             per_block = expand_residuals(outputs, self.config.depth)
             if total is None:
                 total = list(per_block)
@@ -132,14 +137,21 @@ class ModelPasses(_Passes):
         self.control_input = model  # what the ControlNets take their input embeddings from
 
     def embed(self, g: RowBatch, rows: slice = slice(None)):
-        """Patch, timestep and text embedding of the group's ``rows``."""
+        """Patch, timestep and text embedding of the group's ``rows``, with their IP-Adapter tokens (positive
+        rows the pictures', negative rows those of zero features) when the group has active adapters."""
         dtype = self.compute_dtype
-        return self.model.embed(g.x[rows].to(dtype), timestep(g.sigma[rows]), g.context[rows].to(dtype),
-                                g.pooled[rows].to(dtype))
+        state = self.model.embed(g.x[rows].to(dtype), timestep(g.sigma[rows]), g.context[rows].to(dtype),
+                                 g.pooled[rows].to(dtype))
+        if g.ip_adapters:
+            positive = positive_rows(g.entries, g.x.shape[0])[rows]
+            state.ip = ip_rows(g.ip_adapters, positive, g.sigma[rows], dtype, self.device)
+        return state
 
     def first_block(self, state):
         """Joint block 0 on an embedded state: ``(context, x)`` after it, before any ControlNet residual."""
         self.stats.row_blocks += state.x.shape[0]
+        if state.ip is not None:
+            return self.model.joint_blocks[0](state.context, state.x, state.c, functools.partial(state.ip.add_to, 0))
         return self.model.joint_blocks[0](state.context, state.x, state.c)
 
     def blocks(self, state, start: int, stop: int | None = None, skip_layers: Sequence[int] = (),
@@ -167,7 +179,7 @@ class ModelPasses(_Passes):
         context1, x1 = first
         if residuals is not None and residuals[0] is not None:
             x1 = x1 + residuals[0].to(x1.dtype)
-        state1 = JointState(x1, context1, state0.c, state0.hw)
+        state1 = JointState(x1, context1, state0.c, state0.hw, state0.ip)
         if not g.n_skip:
             final = self.blocks(state1, 1, residuals=residuals)
             return Denoised(self.to_denoised(g, final), final=final)
@@ -221,6 +233,10 @@ class WholePasses(_Passes):
 
     def run(self, g: RowBatch, hints: Sequence[ControlHint], skip_layers: Sequence[int] | None) -> Denoised:
         """The group's step: one pass with the ControlNet residuals, and a separate skip pass without them."""
+        if g.ip_adapters:
+            raise ValueError("IP-Adapter: it adds attention inside our MMDiT-X's joint blocks, and this model runs "
+                             "only whole passes (a ComfyUI MODEL on its own forward); load the model with the "
+                             "pack's SD3.5 loaders to use an IP-Adapter")
         residuals = self.control_residuals(hints, g) if hints else None
         out = Denoised(self._pass(g, slice(None), (), residuals))
         if g.n_skip:

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from ..validation import check_bool, check_choice, check_finite, check_int, check_seed
+from .cfg import APG, CFGZeroStar, ModelHooks
 from .control import ControlHint
+from .ip_adapter import IPAdapterHint
 from .mask import MASK_MODES, check_mask
 from .samplers import get_sampler
 from .schedule import SCHEDULES, percent_to_sigma, sigmas_for
@@ -84,6 +86,7 @@ class SampleRequest:
     - ``seed`` and ``seed_mode`` (:data:`SEED_MODES`, see :func:`~.pipeline.make_noise`);
     - ``denoise`` in (0, 1]: 1 samples from pure noise, less keeps part of the starting latent;
     - ``slg``: skip-layer guidance or ``None``; ``controls``: the ControlNet hints (stored as a tuple);
+      ``ip_adapters``: the IP-Adapter hints (stored as a tuple; see :mod:`.ip_adapter`);
     - ``share_slg_prefix`` and ``skip_uncond_at_cfg1``: how the :class:`~.guidance.Guider` batches
       its model passes (see there);
     - ``noise_mask``: ``None``, or where to repaint (1) and where to keep the starting latent (0), a ComfyUI
@@ -91,7 +94,10 @@ class SampleRequest:
       latent as ComfyUI does; its batch must be 1 or the latent's); ``mask_mode``: ``standard`` (ComfyUI's
       noise-mask sampling) or ``differential`` (a soft mask as per-pixel strength; see :mod:`.mask`);
     - ``cache_threshold`` >= 0: the step cache (:mod:`.step_cache`); 0 turns it off, larger values
-      reuse the blocks after the first on more steps (0.05 to 0.15 are useful values).
+      reuse the blocks after the first on more steps (0.05 to 0.15 are useful values);
+    - ``cfg_zero_star`` (:class:`~.cfg.CFGZeroStar`), ``apg`` (:class:`~.cfg.APG`): CFG variants pinned to
+      ComfyUI's nodes, ``None`` for plain CFG; ``model_hooks`` (:class:`~.cfg.ModelHooks`): a ComfyUI MODEL's
+      own CFG functions (see :mod:`.cfg` for the order they act in).
 
     Adding a setting: give it a field here with a default that keeps today's behaviour, check it in
     :meth:`__post_init__` (a ``ValueError`` starting with the field name), and read it from the
@@ -109,11 +115,15 @@ class SampleRequest:
     denoise: float = 1.0
     slg: SkipLayerGuidance | None = None
     controls: tuple[ControlHint, ...] = ()
+    ip_adapters: tuple[IPAdapterHint, ...] = ()
     share_slg_prefix: bool = True
     skip_uncond_at_cfg1: bool = False
     noise_mask: torch.Tensor | None = None
     mask_mode: str = "standard"
     cache_threshold: float = 0.0
+    cfg_zero_star: CFGZeroStar | None = None
+    apg: APG | None = None
+    model_hooks: ModelHooks | None = None
 
     def __post_init__(self) -> None:
         check_int("steps", self.steps, 1)
@@ -134,12 +144,27 @@ class SampleRequest:
             if not isinstance(hint, ControlHint):
                 raise ValueError(f"controls: expected ControlHint items, got {type(hint).__name__}")
         object.__setattr__(self, "controls", controls)
+        try:
+            ip_adapters = tuple(self.ip_adapters)
+        except TypeError:
+            raise ValueError(f"ip_adapters: expected a list of IPAdapterHint, got {type(self.ip_adapters).__name__}"
+                             ) from None
+        for hint in ip_adapters:
+            if not isinstance(hint, IPAdapterHint):
+                raise ValueError(f"ip_adapters: expected IPAdapterHint items, got {type(hint).__name__}")
+        object.__setattr__(self, "ip_adapters", ip_adapters)
         check_bool("share_slg_prefix", self.share_slg_prefix)
         check_bool("skip_uncond_at_cfg1", self.skip_uncond_at_cfg1)
         if self.noise_mask is not None:
             object.__setattr__(self, "noise_mask", check_mask(self.noise_mask, "noise_mask"))
         check_choice("mask_mode", self.mask_mode, MASK_MODES)
         object.__setattr__(self, "cache_threshold", check_finite("cache_threshold", self.cache_threshold, 0.0))
+        for name, kind in (("cfg_zero_star", CFGZeroStar), ("apg", APG), ("model_hooks", ModelHooks)):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, kind):
+                raise ValueError(f"{name}: expected a {kind.__name__} or None, got {type(value).__name__}")
+        if self.apg is not None and self.cfg == 0.0:
+            raise ValueError("apg: adaptive projected guidance divides by cfg; set cfg above 0")
 
     def sigmas(self) -> torch.Tensor:
         """The sigmas this run samples (CPU float32): the schedule, img2img-truncated by ``denoise``."""

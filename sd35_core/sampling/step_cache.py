@@ -68,8 +68,8 @@ class StepCache:
              step_index: int) -> list[Denoised]:
         """Each group's denoised rows (and skip-pass rows) for this step, reused or computed in full."""
         passes = self.passes
-        key = (tuple((tuple(g.x.shape), tuple(g.context.shape), g.n_skip, g.entries) for g in groups), skip_layers,
-               tuple(id(h) for h in hints))
+        key = (tuple((tuple(g.x.shape), tuple(g.context.shape), g.n_skip, g.entries,
+                      tuple(id(a) for a in g.ip_adapters)) for g in groups), skip_layers, tuple(id(h) for h in hints))
         states = [passes.embed(g) for g in groups]
         firsts = [passes.first_block(state0) for state0 in states]
         probes = [x1 - state0.x for state0, (_, x1) in zip(states, firsts, strict=True)]
