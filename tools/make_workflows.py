@@ -1,6 +1,6 @@
 """Write the shipped workflows: ``workflows/*.json`` (ComfyUI UI format) and ``workflows/api/*.json`` (API format).
 
-Every setting comes from one of two sources: the recommended-settings table (``sd35_core/defaults.py``) and the
+Every setting comes from one of two sources: the recommended-settings table (``sd35_core/sampling/defaults.py``) and the
 node classes' own ``INPUT_TYPES`` (input order, widget defaults). Run it after changing either:
 
     python tools/make_workflows.py            # rewrite the JSON files

@@ -239,10 +239,17 @@ def test_outpainting_and_set_latent_noise_mask_with_comfyuis_nodes(server):
     g["12"] = {"class_type": "SD35VAEEncodeForInpaint", "inputs": {"pixels": ["13", 0], "vae": ["1", 2],
                                                                    "mask": ["13", 1], "grow_mask_by": 8}}
     g["20"] = sampler(["1", 0], ["3", 0], ["4", 0], ["12", 0], slg_scale=0.0, sampler="euler", steps=3)
+    g["21"] = {"class_type": "SaveLatent", "inputs": {"samples": ["12", 0], "filename_prefix": "outpaint_in"}}
+    g["22"] = {"class_type": "SaveLatent", "inputs": {"samples": ["20", 0], "filename_prefix": "outpaint_out"}}
     result = server.run(g)
     assert_success(result, server)
     (image,) = server.images(result["prompt_id"])
     assert image.shape == (64, 96, 3)
+    # The photo's left half lies outside the feathered (16 px) and grown (8 px) mask: kept exactly. The padded
+    # strip (pixels 64..95, latent columns 8..11) is drawn anew.
+    before, after = _saved_latent(server, "outpaint_in").numpy(), _saved_latent(server, "outpaint_out").numpy()
+    assert np.abs(after[..., :4] - before[..., :4]).max() < 1e-4
+    assert np.abs(after[..., 8:] - before[..., 8:]).max() > 0.1
 
     g = base_graph(ckpt=LARGE, prefix="noise_mask")
     g["11"] = {"class_type": "LoadImage", "inputs": {"image": "painted.png"}}
