@@ -32,11 +32,11 @@ import torch
 from ..errors import Interrupted
 from ..models.latent import process_in, process_out
 from ..models.numerics import check_denoised
-from ..validation import MAX_SEED, check_choice, check_int, check_seed
+from ..validation import MAX_SEED, check_int
 from .guidance import CondEntry, Guider
 from .mask import NoiseMaskBlend, latent_mask
 from .passes import ModelPasses, PassStats, WholePasses
-from .request import SEED_MODES, SampleRequest
+from .request import SampleRequest
 from .samplers import StepInfo, get_sampler
 
 if TYPE_CHECKING:
@@ -50,9 +50,8 @@ __all__ = ["RunHooks", "SampleRequest", "img2img", "make_noise", "sample", "txt2
 def make_noise(
     shape: Sequence[int], seed: int, seed_mode: str = "batch"
 ) -> tuple[torch.Tensor, torch.Generator | list[torch.Generator]]:
-    """Initial noise (CPU float32) and the generator(s) the sampler continues with (see module doc)."""
-    seed = check_seed(seed)
-    check_choice("seed_mode", seed_mode, SEED_MODES)
+    """Initial noise (CPU float32) and the generator(s) the sampler continues with (see module doc); ``seed``
+    and ``seed_mode`` as a :class:`~.request.SampleRequest` checked them."""
     shape = tuple(shape)
     if seed_mode == "batch":
         gen = torch.Generator().manual_seed(seed)
@@ -185,7 +184,6 @@ def txt2img(
     for name, v in (("width", width), ("height", height)):
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % step:
             raise ValueError(f"{name}: expected a positive multiple of {step} pixels, got {v!r}")
-    config.check_image_size(width, height)
     batch_size = check_int("batch_size", batch_size, 1)
     latent = torch.zeros((batch_size, config.in_channels, height // 8, width // 8), dtype=torch.float32)
     return sample(model, positive, negative, latent, request, hooks)
