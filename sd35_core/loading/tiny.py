@@ -300,19 +300,27 @@ def scaled_fp8_state(
     input_scale_name: str | None = None,
     fp8: torch.dtype = torch.float8_e4m3fn,
     marker: bool = True,
+    fp8_biases: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """``(scaled, effective)``: ``state`` in ComfyUI's scaled-fp8 layout, and the plain twin it stands for.
 
     Each weight in ``weight_keys`` is stored as ``fp8`` with a float32 per-tensor scale ``<layer>.<scale_name>``
     (``max|w| / fp8 max``, so the fp8 range is used in full); with ``input_scale_name`` each such layer also gets a
     per-tensor activation scale; ``marker`` adds the ``scaled_fp8`` marker (an empty tensor of the fp8 dtype, as
-    ComfyUI writes it). ``effective`` keeps every other tensor and holds each scaled weight as fp8 x scale in
-    float32: the plain file with the same effective weights.
+    ComfyUI writes it). With ``fp8_biases`` those layers' biases are stored in fp8 too (unscaled): ComfyUI builds
+    a scaled layer in fp8 whole, so it holds (and saves) its bias rounded to fp8 whatever the file stores.
+    ``effective`` keeps every other tensor and holds each scaled weight as fp8 x scale (each fp8 bias as its
+    value) in float32: the plain file with the same effective weights.
     """
     scaled: dict[str, torch.Tensor] = {}
     effective: dict[str, torch.Tensor] = {}
     fp8_max = torch.finfo(fp8).max
+    biases = {k.removesuffix("weight") + "bias" for k in weight_keys} if fp8_biases else set()
     for key, value in state.items():
+        if key in biases:
+            scaled[key] = value.detach().to(fp8)
+            effective[key] = scaled[key].to(torch.float32)
+            continue
         if key not in weight_keys:
             scaled[key] = effective[key] = value
             continue
