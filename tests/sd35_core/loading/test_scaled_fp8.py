@@ -44,7 +44,9 @@ def _latents(mmdit, context=None, **kw):
 
 
 def _diff(a, b) -> float:
+    """Max abs difference, within the parity bar; printed for the record (``pytest -s``)."""
     d = (a - b).abs().max().item()
+    print(f"parity: max abs diff {d:.2e}")
     assert d <= TOL, d
     return d
 
