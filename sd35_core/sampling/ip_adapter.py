@@ -69,12 +69,12 @@ def positive_rows(entries: Sequence[tuple[bool, int]], rows: int) -> list[bool]:
     return [positive for positive, _ in entries for _ in range(per)]
 
 
-def ip_rows(hints: Sequence[IPAdapterHint], positive: Sequence[bool], sigma: torch.Tensor,
+def ip_rows(hints: Sequence[IPAdapterHint], positive: Sequence[bool], timestep: torch.Tensor,
             dtype: torch.dtype, device: torch.device) -> IPRows:
-    """The joint blocks' IP input for rows whose positivity and sigmas are ``positive`` and ``sigma`` ``[B]``:
-    one :class:`~..models.ip_adapter.IPTokens` per hint and picture. The resampler runs once per distinct
-    (picture or zeros, sigma), not once per row."""
-    timesteps = (sigma.float() * 1000.0).tolist()
+    """The joint blocks' IP input for rows whose positivity and model timesteps (sigma * 1000, what the model
+    is given) are ``positive`` and ``timestep`` ``[B]``: one :class:`~..models.ip_adapter.IPTokens` per hint and
+    picture. The resampler runs once per distinct (picture or zeros, timestep), not once per row."""
+    timesteps = timestep.float().tolist()
     terms = []
     for hint in hints:
         features = hint.features.to(device=device, dtype=dtype)

@@ -142,7 +142,7 @@ class ModelPasses(_Passes):
                                  g.pooled[rows].to(dtype))
         if g.ip_adapters:
             positive = positive_rows(g.entries, g.x.shape[0])[rows]
-            state.ip = ip_rows(g.ip_adapters, positive, g.sigma[rows], dtype, self.device)
+            state.ip = ip_rows(g.ip_adapters, positive, timestep(g.sigma[rows]), dtype, self.device)
         return state
 
     def first_block(self, state):
