@@ -2,6 +2,7 @@
 
 from .bridge import SD35ToComfyModel, SD35ToComfyVAE
 from .controlnet import SD35BlurPreprocessor, SD35CannyPreprocessor, SD35ControlNetApply, SD35DepthNormalize
+from .ip_adapter import SD35ApplyIPAdapter, SD35CLIPVisionLoader, SD35IPAdapterLoader
 from .latent_vae import SD35EmptyLatent, SD35VAEDecode, SD35VAEEncode, SD35VAEEncodeForInpaint
 from .loaders import SD35CheckpointLoader, SD35ControlNetLoader, SD35TextEncoderLoader, SD35VAELoader
 from .lora import SD35LoraLoader
@@ -26,6 +27,9 @@ NODE_CLASS_MAPPINGS = {
     "SD35DepthNormalize": SD35DepthNormalize,
     "SD35ToComfyModel": SD35ToComfyModel,
     "SD35ToComfyVAE": SD35ToComfyVAE,
+    "SD35IPAdapterLoader": SD35IPAdapterLoader,
+    "SD35CLIPVisionLoader": SD35CLIPVisionLoader,
+    "SD35ApplyIPAdapter": SD35ApplyIPAdapter,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -46,6 +50,9 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SD35DepthNormalize": "SD3.5 Depth Normalize (ControlNet preprocessor)",
     "SD35ToComfyModel": "SD3.5 Model to ComfyUI MODEL",
     "SD35ToComfyVAE": "SD3.5 VAE to ComfyUI VAE",
+    "SD35IPAdapterLoader": "SD3.5 IP-Adapter Loader",
+    "SD35CLIPVisionLoader": "SD3.5 CLIP Vision Loader (SigLIP)",
+    "SD35ApplyIPAdapter": "SD3.5 Apply IP-Adapter",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -110,6 +110,21 @@ def resolve_model(folders: str | Sequence[str], name: str) -> str:
     raise FileNotFoundError(f"model file {name!r} not found in the {'/'.join(folders)} folders: searched {where}")
 
 
+def register_model_folder(folder: str, extensions: Iterable[str]) -> None:
+    """Make ``models/<folder>`` one of ComfyUI's model folders, for a kind of model ComfyUI has no folder for
+    (``ipadapter``). Where another pack registered it already, its paths stay and ``extensions`` are added."""
+    if _folder_paths is None:
+        return
+    extensions = {e.lower() for e in extensions}
+    registry = _folder_paths.folder_names_and_paths
+    if folder in registry:
+        paths, known = registry[folder]
+        if not extensions <= set(known):
+            registry[folder] = (paths, set(known) | extensions)
+    else:
+        registry[folder] = ([os.path.join(_folder_paths.models_dir, folder)], extensions)
+
+
 def _fallback_folder(folder: str) -> str | None:
     root = os.environ.get(MODELS_DIR_ENV)
     if not root:

@@ -51,7 +51,9 @@ def load_for_sampling(model, extra: Sequence[host.ManagedModule], memory_require
     """Load ``model`` with the ``extra`` modules used beside it; return what the sampler runs: an MMDiT-X, or
     whole passes of a native model (``sd35_core.sampling.passes.WholePasses``)."""
     if isinstance(model, SD35Model):
-        model.managed.load(extra=extra, memory_required=memory_required)
+        # the IP-Adapters it carries load with it (each once, however often it is applied)
+        adapters = {id(a.ip_adapter): a.ip_adapter.managed for a in model.ip_adapters}
+        model.managed.load(extra=[*extra, *adapters.values()], memory_required=memory_required)
         return model.mmdit
     return host.comfy_bridge().load_native(model, [m.patcher for m in extra], memory_required)
 

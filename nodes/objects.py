@@ -1,4 +1,5 @@
-"""What travels on the pack's own socket types (SD35_MODEL, SD35_CLIP, SD35_VAE, SD35_CONTROLNET).
+"""What travels on the pack's own socket types (SD35_MODEL, SD35_CLIP, SD35_VAE, SD35_CONTROLNET, SD35_IPADAPTER,
+SD35_CLIP_VISION).
 
 Each object pairs the loaded sd35_core module with its :class:`~.host.ManagedModule`, so every node asks
 ComfyUI's model management for the room before computing and the loaders' cache hands back the same object
@@ -7,7 +8,7 @@ ComfyUI's model management for the room before computing and the loaders' cache 
 SD35_MODEL and SD35_CLIP also carry ``loras``: the ordered ``(LoraPatches, strength)`` stack that the LoRA
 node appends to. A LoRA'd object is a new, light object sharing the loaded module; the sampler and the text
 encode node apply its stack only while they run, so the input object, and every other branch of the graph
-that uses it, stays the unpatched base.
+that uses it, stays the unpatched base. SD35_MODEL's ``ip_adapters`` grow the same way (SD3.5 Apply IP-Adapter).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import torch
 from ..sd35_core.loading.loader import DiffusionModel
 from ..sd35_core.loading.lora import LoraPatches
 from ..sd35_core.models.controlnet import ControlNet
+from ..sd35_core.models.ip_adapter import IPAdapter
 from ..sd35_core.models.latent import LatentPreview
+from ..sd35_core.models.siglip import SiglipVisionTower
 from ..sd35_core.models.vae import VAE
 from . import host
 
@@ -31,6 +34,7 @@ class SD35Model:
     diffusion: DiffusionModel
     managed: host.ManagedModule
     loras: tuple[tuple[LoraPatches, float], ...] = ()
+    ip_adapters: tuple[IPApplication, ...] = ()  # from SD3.5 Apply IP-Adapter, in the order applied
 
     @property
     def mmdit(self):
@@ -103,6 +107,36 @@ class SD35ControlNet:
     @property
     def control_type(self) -> str | None:
         return self.controlnet.control_type_name
+
+
+@dataclass(eq=False)
+class SD35ClipVision:
+    """SD35_CLIP_VISION: the SigLIP vision tower of the IP-Adapter."""
+
+    tower: SiglipVisionTower
+    managed: host.ManagedModule
+    source: str
+
+
+@dataclass(eq=False)
+class SD35IPAdapter:
+    """SD35_IPADAPTER: an SD3.5 IP-Adapter (resampler and per-block IP attention)."""
+
+    adapter: IPAdapter
+    managed: host.ManagedModule
+    source: str
+
+
+@dataclass(frozen=True, eq=False)
+class IPApplication:
+    """One SD3.5 Apply IP-Adapter on a model: the adapter, the pictures' SigLIP features (CPU float32,
+    ``[n, tokens, width]``), its weight and its window (fractions of the steps)."""
+
+    ip_adapter: SD35IPAdapter
+    features: torch.Tensor
+    weight: float
+    start: float
+    end: float
 
 
 def require(value, socket: str, node: str, hint: str):

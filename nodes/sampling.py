@@ -22,6 +22,7 @@ from ..sd35_core.sampling.schedule import SCHEDULES
 from ..sd35_core.validation import MAX_SEED
 from . import host
 from .conditioning import ControlSpec, to_entries
+from .ip_adapter import ip_adapter_hints
 from .lora import lora_context
 from .model_input import MODEL_TYPES, compute_dtype, default_shift, diffusion_input, encode_pixels, load_for_sampling
 from .objects import SD35Model
@@ -209,7 +210,8 @@ class SD35Sampler:
         request = SampleRequest(steps=steps, cfg=cfg, sampler=sampler, schedule=schedule, shift=shift, seed=seed,
                                 seed_mode=seed_mode, denoise=min(denoise, 1.0), slg=slg, controls=hints,
                                 skip_uncond_at_cfg1=True, noise_mask=noise_mask, mask_mode=mask_mode,
-                                cache_threshold=cache_threshold)
+                                cache_threshold=cache_threshold,
+                                ip_adapters=ip_adapter_hints(model))
         rows = 2 + (1 if slg is not None else 0)
         runner = load_for_sampling(model, [s.controlnet.managed for s in specs],
                                    model_memory_estimate(model, samples, rows))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 STANDARD_TYPES = {"LATENT", "IMAGE", "MASK", "CONDITIONING", "INT", "FLOAT", "STRING", "BOOLEAN", "MODEL", "VAE"}
-OWN_TYPES = {"SD35_MODEL", "SD35_CLIP", "SD35_VAE", "SD35_CONTROLNET"}
+OWN_TYPES = {"SD35_MODEL", "SD35_CLIP", "SD35_VAE", "SD35_CONTROLNET", "SD35_IPADAPTER", "SD35_CLIP_VISION"}
 EXPECTED_NODES = {
     "SD35CheckpointLoader", "SD35TextEncoderLoader", "SD35VAELoader", "SD35ControlNetLoader", "SD35TextEncode",
     "SD35EmptyLatent", "SD35Sampler", "SD35VAEDecode", "SD35VAEEncode", "SD35VAEEncodeForInpaint",
@@ -15,6 +15,7 @@ EXPECTED_NODES = {
     "SD35CannyPreprocessor", "SD35BlurPreprocessor", "SD35DepthNormalize", "SD35ToComfyModel",
     "SD35ToComfyVAE",
     "SD35LoraLoader",
+    "SD35IPAdapterLoader", "SD35CLIPVisionLoader", "SD35ApplyIPAdapter",
 }
 
 

@@ -1,0 +1,193 @@
+"""IP-Adapter nodes: the adapter loader (ComfyUI's ``ipadapter`` folder, registered here when ComfyUI has none),
+the SigLIP vision-tower loader (ComfyUI's ``clip_vision`` folder) and SD3.5 Apply IP-Adapter.
+
+The vision tower is our own module, not ComfyUI's ``CLIP_VISION``: ComfyUI builds that object only for files it
+recognises by their full-size key counts and prepares pictures its own way (torch bicubic), while the adapter was
+trained on ``SiglipImageProcessor``'s pixels; using its object would mean a second copy of the weights for our
+preprocessing. The tower runs once per picture when the adapter is applied and is then sent back to the
+offload device through ComfyUI's model management; the adapter itself loads with the diffusion model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..sd35_core.image.siglip_input import encode_image
+from ..sd35_core.loading.clip_vision import load_siglip_vision
+from ..sd35_core.loading.ip_adapter import load_ip_adapter
+from ..sd35_core.sampling.ip_adapter import IPAdapterHint
+from . import host
+from .loaders import WEIGHT_DTYPES, LoadCache, _mtime_token, file_key, resolve_weight_dtype
+from .objects import IPApplication, SD35ClipVision, SD35IPAdapter, SD35Model, require_type
+
+LOADER_NODE = "SD3.5 IP-Adapter Loader"
+VISION_NODE = "SD3.5 CLIP Vision Loader (SigLIP)"
+APPLY_NODE = "SD3.5 Apply IP-Adapter"
+IPADAPTER_FOLDER = "ipadapter"
+IPADAPTER_EXTENSIONS = (".safetensors", ".sft", ".bin")
+
+host.register_model_folder(IPADAPTER_FOLDER, IPADAPTER_EXTENSIONS)
+
+
+class SD35IPAdapterLoader:
+    """Load the InstantX SD3.5 Large IP-Adapter."""
+
+    _cache = LoadCache(capacity=1)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "ipadapter_name": (host.list_models(IPADAPTER_FOLDER, IPADAPTER_EXTENSIONS), {
+                    "tooltip": "The adapter from the ipadapter folder: InstantX's ip-adapter.bin (read with torch's "
+                               "restricted unpickler: tensors only) or its .safetensors conversion "
+                               "(sd35 convert-ip-adapter)."}),
+            },
+            "optional": {
+                "weight_dtype": (WEIGHT_DTYPES, {
+                    "default": "default",
+                    "tooltip": "Precision of the adapter weights. default: bf16 on GPUs, fp32 on the CPU "
+                               "(fp8 keeps the adapter in bf16)."}),
+            },
+        }
+
+    RETURN_TYPES = ("SD35_IPADAPTER",)
+    RETURN_NAMES = ("ip_adapter",)
+    OUTPUT_TOOLTIPS = ("The IP-Adapter, for SD3.5 Apply IP-Adapter.",)
+    FUNCTION = "load"
+    CATEGORY = "sd35/loaders"
+    DESCRIPTION = ("Loads an SD3.5 IP-Adapter (InstantX's SD3.5 Large release). Sizes are read from the file; "
+                   "every tensor in it must be used.")
+
+    @classmethod
+    def IS_CHANGED(cls, ipadapter_name, **_):
+        return _mtime_token(IPADAPTER_FOLDER, ipadapter_name)
+
+    def load(self, ipadapter_name: str, weight_dtype: str = "default"):
+        path = host.resolve_model(IPADAPTER_FOLDER, ipadapter_name)
+        device = host.torch_device()
+        dtype = resolve_weight_dtype(weight_dtype, device)
+
+        def _load():
+            adapter = load_ip_adapter(path, dtype, host.offload_device())
+            return SD35IPAdapter(adapter, host.ManagedModule(adapter, device, name="IPAdapter"), path)
+
+        ip = self._cache.get((file_key(path), dtype, str(device)), _load)
+        cfg = ip.adapter.config
+        info = {"kind": "ip_adapter", "blocks": cfg.blocks, "tokens": cfg.num_queries, "dtype": dtype}
+        return {"ui": {"sd35_info": [info]}, "result": (ip,)}
+
+
+class SD35CLIPVisionLoader:
+    """Load the SigLIP vision tower the IP-Adapter reads pictures with."""
+
+    _cache = LoadCache(capacity=1)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "clip_name": (host.list_models("clip_vision"), {
+                    "tooltip": "SigLIP so400m-patch14-384 from the clip_vision folder "
+                               "(sigclip_vision_patch14_384.safetensors)."}),
+            },
+            "optional": {
+                "weight_dtype": (WEIGHT_DTYPES, {
+                    "default": "default",
+                    "tooltip": "Precision of the tower. default: bf16 on GPUs, fp32 on the CPU."}),
+            },
+        }
+
+    RETURN_TYPES = ("SD35_CLIP_VISION",)
+    RETURN_NAMES = ("clip_vision",)
+    OUTPUT_TOOLTIPS = ("The vision tower, for SD3.5 Apply IP-Adapter.",)
+    FUNCTION = "load"
+    CATEGORY = "sd35/loaders"
+    DESCRIPTION = ("Loads a SigLIP vision tower (transformers' layout, as ComfyUI's clip_vision folder holds it) up to "
+                   "the layer the IP-Adapter reads; its last layer and pooling head are not loaded.")
+
+    @classmethod
+    def IS_CHANGED(cls, clip_name, **_):
+        return _mtime_token("clip_vision", clip_name)
+
+    def load(self, clip_name: str, weight_dtype: str = "default"):
+        path = host.resolve_model("clip_vision", clip_name)
+        device = host.text_encoder_device()
+        dtype = resolve_weight_dtype(weight_dtype, device)
+
+        def _load():
+            tower = load_siglip_vision(path, dtype, host.text_encoder_offload_device())
+            return SD35ClipVision(tower, host.ManagedModule(tower, device, host.text_encoder_offload_device(),
+                                                            name="SiglipVision"), path)
+
+        vision = self._cache.get((file_key(path), dtype, str(device)), _load)
+        return {"ui": {"sd35_info": [{"kind": "clip_vision", "dtype": dtype}]}, "result": (vision,)}
+
+
+class SD35ApplyIPAdapter:
+    """Prompt with a picture: attach an IP-Adapter application to a model."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("SD35_MODEL", {"tooltip": "The SD3.5 Large model (SD3.5 Checkpoint Loader, or an earlier "
+                                                    "SD3.5 Apply IP-Adapter: applications stack)."}),
+                "ip_adapter": ("SD35_IPADAPTER", {"tooltip": "The adapter from SD3.5 IP-Adapter Loader."}),
+                "clip_vision": ("SD35_CLIP_VISION", {"tooltip": "The SigLIP tower from SD3.5 CLIP Vision Loader."}),
+                "image": ("IMAGE", {"tooltip": "The picture to prompt with; it is squashed to the tower's square "
+                                               "size, as the adapter was trained. Each picture of a batch adds "
+                                               "its own term."}),
+                "weight": ("FLOAT", {"default": 0.5, "min": -2.0, "max": 5.0, "step": 0.01,
+                                     "tooltip": "How strongly the picture steers (InstantX suggests 0.5); 0 leaves "
+                                                "the model exactly as it was."}),
+                "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
+                                            "tooltip": "First part of the run the adapter acts on (fraction of the "
+                                                       "steps)."}),
+                "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001,
+                                          "tooltip": "Where the adapter stops acting (fraction of the steps)."}),
+            }
+        }
+
+    RETURN_TYPES = ("SD35_MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The model with the IP-Adapter attached, for SD3.5 Sampler or SD3.5 Model to ComfyUI MODEL.",)
+    FUNCTION = "apply"
+    CATEGORY = "sd35/ip_adapter"
+    DESCRIPTION = ("Encodes the picture with the SigLIP tower and attaches the IP-Adapter to the model; SD3.5 "
+                   "Sampler (and KSampler through SD3.5 Model to ComfyUI MODEL) gives the positive rows the "
+                   "picture's tokens, the negative rows those of no picture, and skip-layer guidance's pass the "
+                   "positive's. Chain several to stack pictures or adapters.")
+
+    def apply(self, model, ip_adapter, clip_vision, image, weight, start_percent, end_percent):
+        model = require_type(model, SD35Model, "model", APPLY_NODE)
+        ip_adapter = require_type(ip_adapter, SD35IPAdapter, "ip_adapter", APPLY_NODE)
+        clip_vision = require_type(clip_vision, SD35ClipVision, "clip_vision", APPLY_NODE)
+        if not 0.0 <= start_percent <= end_percent <= 1.0:
+            raise ValueError(f"{APPLY_NODE}: expected 0 <= start_percent <= end_percent <= 1; got {start_percent}, "
+                             f"{end_percent}")
+        cfg = model.config
+        try:
+            ip_adapter.adapter.config.check_fits(cfg.hidden_size, cfg.depth, cfg.num_heads,
+                                                 clip_vision.tower.config.width)
+        except ValueError as e:
+            raise ValueError(f"{APPLY_NODE}: {e}") from None
+        if weight == 0:
+            return (model,)
+        clip_vision.managed.load()
+        try:
+            features = encode_image(clip_vision.tower, image)
+        except ValueError as e:
+            raise ValueError(f"{APPLY_NODE}: {e}") from None
+        finally:
+            clip_vision.managed.unload()  # runs once per picture: give the room back to the diffusion model
+        application = IPApplication(ip_adapter, features, float(weight), float(start_percent), float(end_percent))
+        return (replace(model, ip_adapters=model.ip_adapters + (application,)),)
+
+
+def ip_adapter_hints(model) -> tuple[IPAdapterHint, ...]:
+    """The sampler's hints for the applications a model carries (none for a native ComfyUI MODEL)."""
+    if not isinstance(model, SD35Model):
+        return ()
+    return tuple(IPAdapterHint(a.ip_adapter.adapter, a.features, a.weight, a.start, a.end) for a in model.ip_adapters)
+
