@@ -47,7 +47,8 @@ class SD35ToComfyModel:
                    "samplers, LoRA loaders and block patches (skip-layer guidance, double_block replacements, "
                    "ControlNet residuals) run on the pack's own MMDiT-X, and ComfyUI's model management moves "
                    "the one copy of the weights. LoRAs from SD3.5 LoRA Loader come along as ComfyUI weight "
-                   "patches. Only inside ComfyUI.")
+                   "patches, and IP-Adapters from SD3.5 Apply IP-Adapter as a per-row input of the blocks. Only "
+                   "inside ComfyUI.")
 
     def convert(self, model, shift: float = 0.0):
         model = require_type(model, SD35Model, "model", NODE)
@@ -59,7 +60,10 @@ class SD35ToComfyModel:
                              "with SD3.5 Checkpoint Loader inside ComfyUI")
         if shift <= 0:
             shift = defaults_for(model.variant).shift
-        return (bridge.with_loras(bridge.with_shift(model.managed.patcher, shift), model.loras),)
+        from .ip_adapter import with_ip_adapters  # here: ip_adapter -> loaders -> this module
+
+        patcher = bridge.with_loras(bridge.with_shift(model.managed.patcher, shift), model.loras)
+        return (with_ip_adapters(patcher, model.ip_adapters),)
 
 
 class SD35ToComfyVAE:

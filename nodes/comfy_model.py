@@ -16,6 +16,7 @@ Both directions rest on one fact: our module names are the official checkpoint k
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from torch import nn
 from ..sd35_core.errors import CheckpointError
 from ..sd35_core.models.mmditx import HEAD_DIM, MMDiTConfig, MMDiTX
 from ..sd35_core.sampling.passes import WholePasses
+from .ip_adapter import IPAdapterOption
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,11 @@ def comfy_unet_config(config: MMDiTConfig) -> dict:
 def _skip_block(args: dict, _extra: dict) -> dict:
     """A ``patches_replace`` block patch that leaves the block out (ComfyUI's skip-layer guidance)."""
     return args
+
+
+def _block_ip(ip, block: int):
+    """Joint block ``block``'s IP-Adapter input (``JointBlock.forward``'s ``ip``), or ``None`` without one."""
+    return None if ip is None else functools.partial(ip.add_to, block)
 
 
 class ComfyMMDiT(nn.Module):
@@ -111,13 +118,17 @@ class ComfyMMDiT(nn.Module):
         replace = options.get("patches_replace", {}).get("dit", {})
         model = self.mmdit
         state = model.embed(x, timesteps, context, y)
+        # IP-Adapter applications carried by SD3.5 Model to ComfyUI MODEL: per-row tokens from cond_or_uncond
+        ip_option = options.get(IPAdapterOption.KEY)
+        ip = None if ip_option is None else ip_option.rows(options, x.shape[0], timesteps, model.compute_dtype,
+                                                            x.device)
         img, txt, vec = state.x, state.context, state.c
         residuals = control.get("output") if control is not None else None
         for i, block in enumerate(model.joint_blocks):
             patch = replace.get(("double_block", i))
             if patch is not None:
-                def original_block(args, block=block):
-                    txt_out, img_out = block(args["txt"], args["img"], args["vec"])
+                def original_block(args, block=block, i=i):
+                    txt_out, img_out = block(args["txt"], args["img"], args["vec"], _block_ip(ip, i))
                     return {"txt": txt_out, "img": img_out}
 
                 out = patch({"img": img, "txt": txt, "vec": vec, "transformer_options": options},
@@ -126,7 +137,7 @@ class ComfyMMDiT(nn.Module):
             else:
                 if txt is None:
                     raise ValueError(f"joint block {i}: no context tokens left (the last block has already run)")
-                txt, img = block(txt, img, vec)
+                txt, img = block(txt, img, vec, _block_ip(ip, i))
             if residuals is not None and i < len(residuals) and residuals[i] is not None:
                 img = img + residuals[i].to(img.dtype)
         state.x, state.context = img, txt

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import torch
+
 from ..sd35_core.image.siglip_input import encode_image
 from ..sd35_core.loading.clip_vision import load_siglip_vision
 from ..sd35_core.loading.ip_adapter import load_ip_adapter
-from ..sd35_core.sampling.ip_adapter import IPAdapterHint
+from ..sd35_core.sampling.ip_adapter import IPAdapterHint, ip_rows
 from . import host
 from .loaders import WEIGHT_DTYPES, LoadCache, _mtime_token, file_key, resolve_weight_dtype
 from .objects import IPApplication, SD35ClipVision, SD35IPAdapter, SD35Model, require_type
@@ -185,9 +187,69 @@ class SD35ApplyIPAdapter:
         return (replace(model, ip_adapters=model.ip_adapters + (application,)),)
 
 
+def ip_adapter_hints_of(applications: tuple[IPApplication, ...]) -> tuple[IPAdapterHint, ...]:
+    """The sampling hints of ``applications``."""
+    return tuple(IPAdapterHint(a.ip_adapter.adapter, a.features, a.weight, a.start, a.end) for a in applications)
+
+
 def ip_adapter_hints(model) -> tuple[IPAdapterHint, ...]:
     """The sampler's hints for the applications a model carries (none for a native ComfyUI MODEL)."""
-    if not isinstance(model, SD35Model):
-        return ()
-    return tuple(IPAdapterHint(a.ip_adapter.adapter, a.features, a.weight, a.start, a.end) for a in model.ip_adapters)
+    return ip_adapter_hints_of(model.ip_adapters) if isinstance(model, SD35Model) else ()
 
+
+
+# ------------------------------------------------------------------------------------ into ComfyUI's MODEL
+
+class IPAdapterOption:
+    """IP-Adapter applications riding in a ComfyUI ``MODEL``'s ``transformer_options`` (SD3.5 Model to ComfyUI
+    MODEL), read by :class:`.comfy_model.ComfyMMDiT` at every model call.
+
+    ComfyUI batches cond and uncond itself and says which chunk of the batch is which in
+    ``transformer_options["cond_or_uncond"]`` (0 cond, 1 uncond); each row gets its tokens from that, so
+    KSampler's batches, its cfg-1 shortcut and SkipLayerGuidanceSD3's skip pass (a cond chunk) all get the
+    right ones. The windows are placed by the current sigma in ``sample_sigmas``. ComfyUI deep-copies model
+    options on every clone; this object is handed on as it is, so the adapters are never copied.
+    """
+
+    KEY = "sd35_ip_adapters"
+
+    def __init__(self, hints: tuple[IPAdapterHint, ...]):
+        self.hints = tuple(hints)
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def active(self, options) -> list[IPAdapterHint]:
+        """The hints whose window holds the step ComfyUI is at (all of them when it does not say)."""
+        sigmas, current = options.get("sample_sigmas"), options.get("sigmas")
+        if sigmas is None or current is None or len(sigmas) < 2:
+            return [h for h in self.hints if h.weight != 0.0]
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float32).cpu()
+        step = int((sigmas[:-1] - float(torch.as_tensor(current).reshape(-1)[0])).abs().argmin())
+        return [h for h in self.hints if h.active(step, len(sigmas) - 1)]
+
+    def rows(self, options, batch: int, timestep: torch.Tensor, dtype: torch.dtype, device: torch.device):
+        """The joint blocks' IP input (``IPRows``) for a model call of ``batch`` rows, or ``None``."""
+        hints = self.active(options)
+        if not hints:
+            return None
+        chunks = options.get("cond_or_uncond")
+        if not chunks or batch % len(chunks):
+            raise ValueError(f"{APPLY_NODE}: ComfyUI did not say which rows of this model call are cond and which "
+                             "uncond (transformer_options['cond_or_uncond']); the IP-Adapter needs it")
+        per = batch // len(chunks)
+        positive = [c == 0 for c in chunks for _ in range(per)]
+        return ip_rows(hints, positive, timestep.reshape(-1).float(), dtype, device)
+
+
+def with_ip_adapters(patcher, applications: tuple[IPApplication, ...]):
+    """A clone of ComfyUI ``patcher`` carrying ``applications``: the option above, and the adapters as additional
+    models, which ComfyUI loads with the diffusion model. ``patcher`` itself when there are none."""
+    if not applications:
+        return patcher
+    patcher = patcher.clone()
+    hints = ip_adapter_hints_of(applications)
+    patcher.model_options.setdefault("transformer_options", {})[IPAdapterOption.KEY] = IPAdapterOption(hints)
+    adapters = {id(a.ip_adapter): a.ip_adapter.managed.patcher for a in applications}
+    patcher.set_additional_models(IPAdapterOption.KEY, list(adapters.values()))
+    return patcher

@@ -114,3 +114,37 @@ def test_bad_input_names_the_node(run_node, ip_parts, tmp_path):
                  **{**kw, "image": torch.zeros(8, 8, 3)})
     with pytest.raises(FileNotFoundError, match="ipadapter"):
         run_node("SD35IPAdapterLoader", ipadapter_name="missing.bin")
+
+
+def test_comfy_model_gives_each_row_of_comfyuis_batches_its_tokens(pack):
+    """What KSampler calls through SD3.5 Model to ComfyUI MODEL: rows from cond_or_uncond, windows from sigmas."""
+    import copy
+
+    from comfyui_sd35.nodes.comfy_model import ComfyMMDiT
+    from comfyui_sd35.nodes.ip_adapter import IPAdapterOption
+    from comfyui_sd35.sd35_core.loading.tiny import tiny_mmdit
+    from comfyui_sd35.sd35_core.loading.tiny_ip_adapter import SIGLIP_TINY, tiny_ip_adapter
+    from comfyui_sd35.sd35_core.sampling.ip_adapter import IPAdapterHint, ip_rows
+
+    mmdit = tiny_mmdit("sd3.5_large").requires_grad_(False)
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(1, SIGLIP_TINY.tokens, SIGLIP_TINY.width, generator=gen)
+    hint = IPAdapterHint(tiny_ip_adapter(), feats, 0.6, 0.0, 0.5)
+    option = IPAdapterOption((hint,))
+    assert copy.deepcopy({"o": option})["o"] is option  # ComfyUI's clones never copy the adapter
+    x = torch.randn(2, 16, 4, 4, generator=gen)
+    t = torch.full((2,), 900.0)
+    ctx = torch.randn(2, 5, mmdit.config.context_dim, generator=gen)
+    y = torch.randn(2, mmdit.config.pooled_dim, generator=gen)
+    sample_sigmas = torch.tensor([1.0, 0.9, 0.5, 0.2, 0.0])
+    opts = {IPAdapterOption.KEY: option, "sample_sigmas": sample_sigmas, "sigmas": torch.tensor([0.9, 0.9])}
+    with torch.no_grad():
+        # ComfyUI's [uncond; cond] order: the second row is the positive one
+        ours = ComfyMMDiT(mmdit)(x, t, ctx, y, transformer_options={**opts, "cond_or_uncond": [1, 0]})
+        expected = mmdit(x, t, ctx, y, ip=ip_rows([hint], [False, True], t, torch.float32, torch.device("cpu")))
+        assert torch.equal(ours, expected)
+        # step 2 of 4 is outside the window [0, 0.5): the plain model
+        late = {**opts, "sigmas": torch.tensor([0.5, 0.5]), "cond_or_uncond": [1, 0]}
+        assert torch.equal(ComfyMMDiT(mmdit)(x, t, ctx, y, transformer_options=late), mmdit(x, t, ctx, y))
+        with pytest.raises(ValueError, match="cond_or_uncond"):
+            ComfyMMDiT(mmdit)(x, t, ctx, y, transformer_options=opts)
