@@ -74,7 +74,12 @@ class LoadCache:
 
 
 def file_key(path: str) -> tuple:
-    """Identity of a file's content for caching: real path, modification time and size."""
+    """Identity of a file's content for caching: real path, modification time and size; for a model folder, its
+    real path and the identities of the weight and index files in it."""
+    if os.path.isdir(path):
+        files = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names
+                       if f.endswith((".safetensors", ".json")))
+        return (os.path.realpath(path), tuple(file_key(f) for f in files))
     st = os.stat(path)
     return (os.path.realpath(path), st.st_mtime_ns, st.st_size)
 
@@ -93,7 +98,10 @@ def bundled_files(kind: str) -> dict[str, str]:
 
 
 def resolve_file(folders, name: str, kind: str) -> str:
-    """``name`` from ComfyUI's ``folders`` (a file there wins), else the pack's bundled file of that name."""
+    """``name`` from ComfyUI's ``folders`` (a file there wins), else the pack's bundled file of that name; a
+    diffusers model folder's name (see :func:`diffusers_folder_names`) resolves to the folder."""
+    if name.endswith(DIFFUSERS_FOLDER):
+        return os.path.dirname(host.resolve_model(folders, os.path.join(name[: -len(DIFFUSERS_FOLDER)], FOLDER_INDEX)))
     try:
         return host.resolve_model(folders, name)
     except FileNotFoundError:
@@ -154,15 +162,36 @@ def _with_default(default: str | None, options: dict) -> dict:
 
 
 def checkpoint_names() -> list[str]:
-    """Files offered by the checkpoint loader: ComfyUI's checkpoints, then diffusion_models (GGUF included)."""
+    """Files offered by the checkpoint loader: ComfyUI's checkpoints, then diffusion_models (GGUF included), then
+    diffusers model folders found in either."""
     extensions = host.MODEL_EXTENSIONS + host.GGUF_EXTENSIONS
     names = host.list_models("checkpoints", extensions)
     seen = set(names)
     names += [n for n in host.list_models("diffusion_models", extensions) if n not in seen]
-    return _with_bundled(names, "checkpoint")
+    return _with_bundled(names, "checkpoint") + diffusers_folder_names()
 
 
 CHECKPOINT_FOLDERS = ("checkpoints", "diffusion_models")
+# A diffusers model folder (the official HF repositories as downloaded) is offered by its folder name and this mark.
+DIFFUSERS_FOLDER = " (diffusers folder)"
+FOLDER_INDEX = "model_index.json"
+
+
+def diffusers_folder_names() -> list[str]:
+    """diffusers model folders under the checkpoint folders: a ``model_index.json`` beside a ``transformer/``."""
+    names: list[str] = []
+    for folder in CHECKPOINT_FOLDERS:
+        for index in host.list_models(folder, (FOLDER_INDEX,)):
+            name = os.path.dirname(index)
+            if not name or name + DIFFUSERS_FOLDER in names:
+                continue
+            try:
+                path = host.resolve_model(folder, index)
+            except FileNotFoundError:
+                continue
+            if os.path.isdir(os.path.join(os.path.dirname(path), "transformer")):
+                names.append(name + DIFFUSERS_FOLDER)
+    return sorted(names)
 
 
 def model_info(model: SD35Model, clip: SD35Clip | None, vae: SD35VAE | None, dtype: str) -> dict:
@@ -185,8 +214,9 @@ class SD35CheckpointLoader:
                 "ckpt_name": (checkpoint_names(), {
                     "tooltip": "An SD3 / SD3.5 .safetensors file from the checkpoints or diffusion_models folder "
                                "(single files with the VAE, with or without text encoders, or bare diffusion "
-                               "models), or a GGUF diffusion model (Q8_0, Q4_0, ...: kept quantized, "
-                               "dequantized layer by layer)."}),
+                               "models; official, ComfyUI scaled-fp8 or diffusers layout), a GGUF diffusion model "
+                               "(Q8_0, Q4_0, ...: kept quantized, dequantized layer by layer), or a diffusers model "
+                               "folder (transformer/, vae/, text_encoder*/)."}),
                 "weight_dtype": (WEIGHT_DTYPES, {
                     "default": "default",
                     "tooltip": "Precision the diffusion model's weights are kept in. default: bf16 on GPUs, fp32 on "
