@@ -33,6 +33,8 @@ SUBCOMMANDS: dict[str, tuple[str | None, str]] = {
                     "--vs-comfyui: one CFG step of ours against ComfyUI's native SD3 on the same file"),
     "batch": ("batch", "render a prompts file through ComfyUI servers, or on Ray, and bring every image home"),
     "eval-tiny": ("eval_tiny", "score the bundled tiny shapes model: accuracy per attribute at several settings"),
+    "convert-ip-adapter": ("convert_ip_adapter", "convert InstantX's SD3.5 IP-Adapter ip-adapter.bin to "
+                                                 ".safetensors (tensors only, read without running code)"),
 }
 
 BENCH_SCRIPT = os.path.join("bench", "bench_slg.py")

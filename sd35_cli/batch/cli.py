@@ -29,7 +29,7 @@ RAY_GENERATE_OPTIONS = (
     "controlnet_cond_image", "controlnet_strength", "controlnet_preprocess", "resize_mode", "init_image", "denoise",
     "dtype", "device", "text_encoder_device", "lora", "negative_prompt", "sampler", "steps", "cfg", "shift",
     "width", "height", "skip_layer_cfg", "slg_layers", "slg_scale", "slg_start", "slg_end", "slg_window", "mask",
-    "grow_mask", "mask_mode", "cache_threshold", "compile",
+    "grow_mask", "mask_mode", "cache_threshold", "compile", "ip_adapter", "clip_vision", "ip_image", "ip_scale",
 )
 RAY_NOT_GENERATE_OPTIONS = ("prompt", "seed", "verbose", "out_dir", "postfix", "seed_type", "save_latent", "json")
 log = logging.getLogger("sd35_cli.batch")
@@ -44,7 +44,8 @@ Prompts file (format from the extension, or --format):
   .txt    one prompt a line (blank lines and lines starting with # are skipped)
   .csv    a header row; .tsv the same with tabs
   .jsonl  one JSON object a line
-Columns: prompt, negative, seed, steps, cfg, width, height, denoise, control_image, init_image, mask_image
+Columns: prompt, negative, seed, steps, cfg, width, height, denoise, control_image, init_image, mask_image,
+ip_image, ip_scale (the picture and weight of SD3.5 Apply IP-Adapter)
 (image paths are relative to the prompts file; a mask is white = repaint, or the transparent part of an
 image). Empty cells keep the workflow's value. Other columns need --map. A bad cell names the file, line,
 row, column and what was expected.

@@ -32,6 +32,8 @@ COLUMNS: dict[str, str] = {
     "control_image": "path",
     "init_image": "path",
     "mask_image": "path",
+    "ip_image": "path",
+    "ip_scale": "float",
 }
 PATH_COLUMNS = frozenset(c for c, kind in COLUMNS.items() if kind == "path")
 FORMATS = ("txt", "csv", "tsv", "jsonl")

@@ -47,6 +47,8 @@ MASK_CONSUMERS: dict[str, str] = {
     "SetLatentNoiseMask": "mask",
     "InpaintModelConditioning": "mask",
 }
+# IP-Adapter applications: type -> (the picture's IMAGE input, the weight input).
+IP_APPLIES: dict[str, tuple[str, str]] = {"SD35ApplyIPAdapter": ("image", "weight")}
 CONTROL_APPLIES: dict[str, str] = {
     "SD35ControlNetApply": "image",
     "ControlNetApplySD3": "image",
@@ -150,6 +152,15 @@ def default_targets(api: Mapping[str, Mapping[str, Any]], column: str,
                 start = api[nid]["inputs"].get(CONTROL_APPLIES[ct])
                 ids += [f for f in _trace(api, object_info, start, frozenset({"IMAGE"}), IMAGE_LOADERS) if f not in ids]
         return [Target(nid, IMAGE_LOADERS[api[nid]["class_type"]]) for nid in ids]
+    if column in ("ip_image", "ip_scale"):
+        applies = [nid for nid in sorted(api, key=node_order) if api[nid].get("class_type") in IP_APPLIES]
+        if column == "ip_scale":
+            return [Target(nid, IP_APPLIES[api[nid]["class_type"]][1]) for nid in applies]
+        ids = []
+        for nid in applies:
+            start = api[nid]["inputs"].get(IP_APPLIES[api[nid]["class_type"]][0])
+            ids += [f for f in _trace(api, object_info, start, frozenset({"IMAGE"}), IMAGE_LOADERS) if f not in ids]
+        return [Target(nid, IMAGE_LOADERS[api[nid]["class_type"]]) for nid in ids]
     if column == "mask_image":
         ids = []
         for nid in sorted(api, key=node_order):
@@ -212,7 +223,8 @@ def resolve_targets(api: Mapping[str, Mapping[str, Any]], columns: Sequence[str]
         if not found:
             raise WorkflowError(f"column {column!r} has no place in this workflow; say where it goes with "
                                 f"--map {column}=NodeTitle.input")
-        if column in ("prompt", "negative", "control_image", "init_image", "mask_image", "width", "height"):
+        if column in ("prompt", "negative", "control_image", "init_image", "mask_image", "width", "height",
+                      "ip_image", "ip_scale"):
             nodes = sorted({t.node for t in found}, key=node_order)
             if len(nodes) > 1:
                 raise WorkflowError(f"column {column!r} could go to {len(nodes)} nodes ("

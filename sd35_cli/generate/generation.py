@@ -19,6 +19,7 @@ from PIL.PngImagePlugin import PngInfo
 from ..main import UsageError
 from ..prompt_lines import RULE, split_prompt_lines
 from .images import control_type_of, decode_image, encode_inputs, load_noise_mask
+from .ip_adapter import ip_hints
 from .models import LoadedModels, inspect_model, load_models, pick_device
 from .options import RAND_SEED_LIMIT, REF_SIZE, SEED_TYPES, GenerateOptions, options_from_args, validate_options
 from .output import GenerateResult, output_dir, save_latents
@@ -109,14 +110,15 @@ def noise_mask_of(opts: GenerateOptions, say: Callable[[str], None]) -> torch.Te
 
 
 def build_request(opts: GenerateOptions, settings: Settings, init: torch.Tensor | None, controls: list,
-                  noise_mask: torch.Tensor | None, seed: int):
-    """The ``SampleRequest`` of one image: the resolved settings, ``--denoise`` when starting from an image."""
+                  noise_mask: torch.Tensor | None, seed: int, ip_adapters: tuple = ()):
+    """The ``SampleRequest`` of one image: the resolved settings, ``--denoise`` when starting from an image, the
+    IP-Adapter hints of ``--ip_image``."""
     from sd35_core.sampling.request import SampleRequest
 
     return SampleRequest(steps=settings.steps, cfg=settings.cfg, sampler=settings.sampler, shift=settings.shift,
                          seed=seed, denoise=opts.denoise if init is not None else 1.0, slg=settings.slg,
                          controls=controls, noise_mask=noise_mask, mask_mode=opts.mask_mode,
-                         cache_threshold=opts.cache_threshold or 0.0)
+                         cache_threshold=opts.cache_threshold or 0.0, ip_adapters=ip_adapters)
 
 
 def sample_latent(loaded: LoadedModels, opts: GenerateOptions, request, positive, negative,
@@ -155,7 +157,8 @@ def render_image(loaded: LoadedModels, opts: GenerateOptions, seed: int,
     init, controls, _shown = encode_inputs(loaded, opts, say)
     negative = encode_prompt(loaded, opts.negative_prompt)
     positive = encode_prompt(loaded, opts.prompt)
-    request = build_request(opts, settings, init, controls, noise_mask, seed)
+    ip = ip_hints(loaded.ip, opts, loaded.model.config)
+    request = build_request(opts, settings, init, controls, noise_mask, seed, ip)
     latent = sample_latent(loaded, opts, request, positive, negative, init)
     info = png_info(_image_settings(opts, settings, request, opts.prompt, seed, init is not None))
     return latent, decode_image(loaded.vae, latent), info
@@ -210,7 +213,8 @@ def generate(opts: GenerateOptions, *, log: TextIO | None = None, now: datetime.
     seconds["encode_text"] = time.perf_counter() - t
 
     seeds = seeds_for(opts.seed, opts.seed_type, len(prompts))
-    request = build_request(opts, settings, init, controls, noise_mask, seeds[0])
+    ip = ip_hints(loaded.ip, opts, model.config)
+    request = build_request(opts, settings, init, controls, noise_mask, seeds[0], ip)
     os.makedirs(out_dir, exist_ok=False)
     control_file = None
     if shown is not None:

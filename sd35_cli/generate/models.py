@@ -105,6 +105,7 @@ class LoadedModels:
     # ``(LoraPatches, strength)`` stacks from --lora, applied while encoding and sampling (sd35_core.loading.lora)
     model_loras: tuple = ()
     text_loras: tuple = ()
+    ip: Any = None  # .ip_adapter.IPParts from --ip_adapter / --clip_vision
 
     @property
     def text_modules(self) -> torch.nn.Module:
@@ -202,5 +203,8 @@ def load_models(
             loaded.model_loras += ((lora.model, spec.strength),)
         if lora.clip is not None:
             loaded.text_loras += ((lora.clip, spec.clip_strength),)
+    from .ip_adapter import load_ip_parts
+
+    loaded.ip = load_ip_parts(opts, device, say)
     say("Models loaded.")
     return loaded

@@ -306,6 +306,13 @@ def _add_options(ref, ext) -> None:
          help="step cache: 0 is off (default); above 0 a step whose first joint block changed less than T "
               "(relative) since the last full step reuses what the other blocks added then (0.05-0.15 on "
               "released models); the saved model evaluations are reported")
+    _opt(ext, "ip_adapter", type=parse_optional_str, metavar="FILE",
+         help="SD3.5 Large IP-Adapter: InstantX's ip-adapter.bin (tensors only, via torch's restricted unpickler) "
+              "or its .safetensors conversion (sd35 convert-ip-adapter); with --clip_vision and --ip_image")
+    _opt(ext, "clip_vision", type=parse_optional_str, metavar="FILE",
+         help="the IP-Adapter's SigLIP vision tower (sigclip_vision_patch14_384.safetensors)")
+    _opt(ext, "ip_image", type=parse_optional_str, metavar="IMAGE", help="the picture to prompt with")
+    _opt(ext, "ip_scale", type=parse_float, metavar="S", help="IP-Adapter scale (default: 0.5; 0 leaves it out)")
     _flag(ext, "compile", "run the diffusion model's joint blocks through torch.compile (the first step compiles and "
                           "is reported separately; falls back to eager with a warning where compiling is unavailable)")
     _flag(ext, "json", "print a JSON summary on stdout (files, seeds, seconds per step, peak memory); "
@@ -363,6 +370,10 @@ class GenerateOptions:
     mask_mode: str = "standard"
     save_latent: str | None = None
     cache_threshold: float = 0.0
+    ip_adapter: str | None = None
+    clip_vision: str | None = None
+    ip_image: str | None = None
+    ip_scale: float | None = None
     compile: bool = False
     json: bool = False
 
@@ -440,6 +451,9 @@ def validate_options(opts: GenerateOptions) -> None:
         raise UsageError(f"--grow_mask {opts.grow_mask}: expected a whole number of pixels >= 0")
     if opts.mask_mode not in MASK_MODES:
         raise UsageError(f"--mask_mode {opts.mask_mode}: expected one of {', '.join(MASK_MODES)}")
+    from .ip_adapter import check_ip_options
+
+    check_ip_options(opts)
     if opts.controlnet_cond_image and not opts.controlnet_ckpt:
         raise UsageError("--controlnet_cond_image needs --controlnet_ckpt (the ControlNet to feed it to)")
     if opts.controlnet_ckpt and not opts.controlnet_cond_image:

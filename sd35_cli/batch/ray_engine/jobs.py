@@ -1,7 +1,8 @@
 """The rows of a ``--engine ray`` run as ``sd35 generate`` options: one :class:`RowJob` per image.
 
 A row's columns replace the matching options of the command line (``prompt`` → ``--prompt``, ``negative`` →
-``--negative_prompt``, ``control_image`` → ``--controlnet_cond_image``, ``mask_image`` → ``--mask``; ``seed``,
+``--negative_prompt``, ``control_image`` → ``--controlnet_cond_image``, ``mask_image`` → ``--mask``, ``ip_image``
+and ``ip_scale`` → ``--ip_image`` / ``--ip_scale``; ``seed``,
 ``steps``, ``cfg``, ``width``, ``height``, ``denoise`` and ``init_image`` by their own names), so a row renders
 exactly what ``sd35 generate`` renders with those options. A row whose options do not hold together is
 recorded as failed with the reason and never sent to a worker; columns the engine cannot honour stop the run
@@ -33,10 +34,12 @@ COLUMN_OPTIONS = {
     "init_image": "init_image",
     "control_image": "controlnet_cond_image",
     "mask_image": "mask",
+    "ip_image": "ip_image",
+    "ip_scale": "ip_scale",
 }
 # Options that only say where and how a command writes its results: no part of what an image is.
 NOT_IN_FINGERPRINT = ("prompt", "out_dir", "postfix", "seed", "seed_type", "verbose", "save_latent", "json")
-IMAGE_OPTIONS = ("init_image", "controlnet_cond_image", "mask")
+IMAGE_OPTIONS = ("init_image", "controlnet_cond_image", "mask", "ip_image")
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,9 @@ def check_columns(rows: Sequence[Row], base: GenerateOptions) -> None:
         if "control_image" in row.values and not base.controlnet_ckpt:
             raise BatchError(f"row {row.index} (line {row.line}): column 'control_image' needs --controlnet_ckpt "
                              "(the ControlNet to feed it to)")
+        if ("ip_image" in row.values or "ip_scale" in row.values) and not (base.ip_adapter and base.clip_vision):
+            raise BatchError(f"row {row.index} (line {row.line}): columns 'ip_image' and 'ip_scale' need --ip_adapter "
+                             "and --clip_vision (the IP-Adapter and its vision tower)")
 
 
 def row_options(base: GenerateOptions, job: Job) -> GenerateOptions:
