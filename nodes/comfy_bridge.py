@@ -17,6 +17,7 @@ exact, else :class:`.comfy_model.NativePasses`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -25,6 +26,8 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.model_sampling
 import comfy.patcher_extension
+import comfy.sampler_helpers
+import comfy.samplers
 import comfy.sd
 import comfy.supported_models
 import comfy.weight_adapter
@@ -33,20 +36,20 @@ import torch
 from ..sd35_core.loading.lora.apply import collect, patched_weight
 from ..sd35_core.models.latent import SD3_PREVIEW, LatentPreview
 from ..sd35_core.models.mmditx import MMDiTConfig, MMDiTX
+from ..sd35_core.sampling.cfg import ModelHooks
 from . import host
 from .comfy_model import ComfyMMDiT, NativePasses, ViewRefusal, comfy_unet_config, mmdit_view, shapes_of
 
 log = logging.getLogger(__name__)
 
-# model_options entries that change how ComfyUI's own samplers guide; SD3.5 Sampler guides itself and
-# would silently drop them, so a model carrying one is refused with its name.
+# model_options entries that change how ComfyUI's own samplers run the model; the sampler cannot honour them
+# and would silently drop them, so a model carrying one is refused with its name. The CFG functions
+# (sampler_pre_cfg_function, sampler_cfg_function, sampler_post_cfg_function) are honoured: model_hooks().
 GUIDANCE_OPTIONS = {
-    "sampler_cfg_function": "a CFG function (e.g. RescaleCFG, CFGNorm)",
-    "sampler_post_cfg_function": "a post-CFG function (e.g. SkipLayerGuidanceSD3, PerturbedAttentionGuidance)",
-    "sampler_pre_cfg_function": "a pre-CFG function (e.g. SkipLayerGuidanceDiTSimple)",
     "sampler_calc_cond_batch_function": "a cond-batch function",
     "model_function_wrapper": "a model function wrapper",
-    "denoise_mask_function": "a denoise-mask function",
+    "denoise_mask_function": "a denoise-mask function (e.g. DifferentialDiffusion: use this sampler's mask_mode "
+                             "differential instead)",
 }
 
 
@@ -207,7 +210,7 @@ def inspect_native(patcher, node: str) -> NativeModel:
     if refused:
         raise ValueError(f"{node}: the model carries {', '.join(refused)}, which only ComfyUI's own samplers apply; "
                          "sample it with KSampler / SamplerCustomAdvanced, or use this sampler's own skip-layer "
-                         "guidance instead")
+                         "guidance instead (CFG functions such as RescaleCFG, CFGZeroStar and APG are honoured)")
     try:
         config = MMDiTConfig.from_shapes(shapes_of(model.diffusion_model))
     except ValueError as e:
@@ -244,6 +247,50 @@ def load_native(native: NativeModel, extra: list, memory_required: int) -> MMDiT
     log.info("sd35: native %s model run through its own forward pass per model call (%s); skip-layer "
              "guidance runs as a separate pass", native.config.variant, reason)
     return NativePasses(diffusion, native.config, native.compute_dtype, options)
+
+
+# ---------------------------------------------------------------------------------------- CFG functions
+
+def has_cfg_hooks(native: NativeModel) -> bool:
+    """Whether the MODEL carries CFG functions (its model_options' pre-CFG, CFG or post-CFG functions)."""
+    options = native.patcher.model_options
+    return bool(options.get("sampler_pre_cfg_function") or options.get("sampler_cfg_function")
+                or options.get("sampler_post_cfg_function"))
+
+
+def cfg1_optimization(native: NativeModel) -> bool:
+    """Whether ComfyUI leaves the negative out at cfg 1 for this MODEL (unless a node disabled it)."""
+    return not native.patcher.model_options.get("disable_cfg1_optimization", False)
+
+
+@contextlib.contextmanager
+def model_hooks(native: NativeModel, positive, negative, latent_shape, cfg: float, sigmas: torch.Tensor):
+    """The MODEL's CFG functions as :class:`~..sd35_core.sampling.cfg.ModelHooks`, for the duration of a run.
+
+    They are called with the arguments ComfyUI's ``sampling_function`` passes. Those that only ComfyUI can give
+    are ComfyUI's own: its model (set up as its samplers set it up, so a function that calls back into it, e.g.
+    ``calc_cond_batch`` with a skip-layer patch, runs the native forward pass), the model options with the
+    run's ``sample_sigmas``, and the conditioning processed by ComfyUI's ``process_conds`` (areas resolved and
+    mirrored) as ``cond`` / ``uncond`` (``None`` when the negative is left out at cfg 1).
+    """
+    patcher = native.patcher
+    options = comfy.model_patcher.create_model_options_clone(patcher.model_options)
+    options.setdefault("transformer_options", {})["sample_sigmas"] = sigmas.to(patcher.load_device)
+    device = patcher.load_device
+    conds = {"positive": comfy.sampler_helpers.convert_cond(positive),
+             "negative": comfy.sampler_helpers.convert_cond(negative)}
+    noise = torch.zeros(tuple(latent_shape), device=device)
+    conds = comfy.samplers.process_conds(patcher.model, noise, conds, device, noise, None, 0)
+    skip_uncond = cfg1_optimization(native) and cfg == 1.0  # as the Guider decides it
+    extra = {"model": patcher.model, "model_options": options, "cond": conds["positive"],
+             "uncond": None if skip_uncond else conds["negative"]}
+    hooks = ModelHooks(tuple(options.get("sampler_pre_cfg_function", ())), options.get("sampler_cfg_function"),
+                       tuple(options.get("sampler_post_cfg_function", ())), lambda: extra)
+    patcher.pre_run()
+    try:
+        yield hooks
+    finally:
+        patcher.cleanup()
 
 
 # ----------------------------------------------------------------------------------------------------- VAE

@@ -27,6 +27,7 @@ from torch import nn
 from ..sd35_core.errors import CheckpointError
 from ..sd35_core.models.mmditx import HEAD_DIM, MMDiTConfig, MMDiTX
 from ..sd35_core.sampling.passes import WholePasses
+from ..sd35_core.sampling.regions import pad_to_patch
 from .ip_adapter import IPAdapterOption
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,8 @@ def _block_ip(ip, block: int):
 class ComfyMMDiT(nn.Module):
     """ComfyUI's diffusion-model interface over our MMDiT-X (see the module doc).
 
-    The forward pass is ComfyUI's MMDiT loop: embed; per joint block either the block or the
+    The forward pass is ComfyUI's MMDiT loop: embed (a latent that is not a multiple of the patch size padded
+    circularly, the output cut back, as ComfyUI's MMDiT does for an area crop); per joint block either the block or the
     ``transformer_options["patches_replace"]["dit"][("double_block", i)]`` patch (called with
     ``{"img", "txt", "vec", "transformer_options"}`` and ``{"original_block": ...}``, as ComfyUI calls it),
     then ``control["output"][i]`` added to the image tokens when present; final layer and unpatchify.
@@ -117,6 +119,10 @@ class ComfyMMDiT(nn.Module):
         options = transformer_options or {}
         replace = options.get("patches_replace", {}).get("dit", {})
         model = self.mmdit
+        hw = x.shape[-2:]
+        # ComfyUI's PatchEmbed pads a latent that is not a multiple of the patch size (an area crop) circularly,
+        # and its MMDiT cuts the output back
+        x = pad_to_patch(x, model.config.patch_size)
         state = model.embed(x, timesteps, context, y)
         # IP-Adapter applications carried by SD3.5 Model to ComfyUI MODEL: per-row tokens from cond_or_uncond
         ip_option = options.get(IPAdapterOption.KEY)
@@ -141,7 +147,7 @@ class ComfyMMDiT(nn.Module):
             if residuals is not None and i < len(residuals) and residuals[i] is not None:
                 img = img + residuals[i].to(img.dtype)
         state.x, state.context = img, txt
-        return model.unembed(state)
+        return model.unembed(state)[:, :, :hw[0], :hw[1]]
 
 
 # ------------------------------------------------------------------------------------------------ the view

@@ -95,8 +95,24 @@ def build_hints(specs: list[ControlSpec], model, latent: torch.Tensor) -> list[C
         cond_latent = process_in(encode_pixels(spec.vae, pixels))
         # A Cancel pressed during the encode stops here, before the (longer) sampling starts.
         host.check_interrupt()
-        hints.append(ControlHint(cn.controlnet, cond_latent, spec.strength, spec.start, spec.end))
+        hints.append(ControlHint(cn.controlnet, cond_latent, spec.strength, spec.start, spec.end,
+                                 encode=_area_encoder(spec, kind, path)))
     return hints
+
+
+def _area_encoder(spec: ControlSpec, kind: str, path: str):
+    """The control latent for an area conditioning entry of ``h x w`` latent pixels: the control image fitted to
+    the area's size and encoded (ComfyUI's ControlNet resizes its hint to the input it is given)."""
+
+    def encode(h: int, w: int) -> torch.Tensor:
+        if (h * 8) % 16 or (w * 8) % 16:
+            raise ValueError(f"{NODE}: an area of {w * 8}x{h * 8} pixels with a ControlNet: the control image is "
+                             "fitted to the area, which must then be a multiple of 16 pixels each way")
+        pixels = prepare_control_image(spec.image, w * 8, h * 8, kind, spec.invert, path=path,
+                                       resize_mode=spec.resize_mode)
+        return process_in(encode_pixels(spec.vae, pixels))
+
+    return encode
 
 
 class SD35Sampler:
@@ -207,10 +223,11 @@ class SD35Sampler:
             shift = default_shift(model)
 
         hints = build_hints(specs, model, samples) if specs else []
+        bridge = None if isinstance(model, SD35Model) else host.comfy_bridge()
         request = SampleRequest(steps=steps, cfg=cfg, sampler=sampler, schedule=schedule, shift=shift, seed=seed,
                                 seed_mode=seed_mode, denoise=min(denoise, 1.0), slg=slg, controls=hints,
-                                skip_uncond_at_cfg1=True, noise_mask=noise_mask, mask_mode=mask_mode,
-                                cache_threshold=cache_threshold,
+                                skip_uncond_at_cfg1=bridge is None or bridge.cfg1_optimization(model),
+                                noise_mask=noise_mask, mask_mode=mask_mode, cache_threshold=cache_threshold,
                                 ip_adapters=ip_adapter_hints(model))
         rows = 2 + (1 if slg is not None else 0)
         runner = load_for_sampling(model, [s.controlnet.managed for s in specs],
@@ -221,7 +238,11 @@ class SD35Sampler:
             progress.update(info.index, info.total, info.denoised)
 
         hooks = pipeline.RunHooks(callback=callback, should_cancel=host.check_interrupt)
-        with _with_loras(model, runner):
+        cfg_hooks = (bridge.model_hooks(model, positive, negative, samples.shape, cfg, request.sigmas())
+                     if bridge is not None and bridge.has_cfg_hooks(model) else contextlib.nullcontext())
+        with _with_loras(model, runner), cfg_hooks as model_hooks:
+            if model_hooks is not None:
+                request = replace(request, model_hooks=model_hooks)
             if request.denoise == 1.0 and request.noise_mask is None:
                 b, _, h, w = samples.shape
                 out = pipeline.txt2img(runner, pos, neg, request, width=w * 8, height=h * 8, batch_size=b, hooks=hooks)

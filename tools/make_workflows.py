@@ -25,6 +25,7 @@ if TOOLS not in sys.path:
 from workflow_gen.controlnet import controlnet, native_lora_controlnet  # noqa: E402
 from workflow_gen.graph import Workflow  # noqa: E402
 from workflow_gen.image_to_image import img2img, masked_repaint  # noqa: E402
+from workflow_gen.ip_adapter import ip_adapter  # noqa: E402
 from workflow_gen.pack import ROOT  # noqa: E402
 from workflow_gen.text_to_image import lora, tiny_shapes, txt2img  # noqa: E402
 
@@ -51,6 +52,7 @@ def build_workflows() -> dict[str, Workflow]:
         controlnet("sd3.5_large_controlnet_depth", "depth", "SD3.5 Large with the depth ControlNet"),
         native_lora_controlnet("sd3.5_large_native_lora_controlnet",
                                "ComfyUI's SD3.5 Large + LoRA in the SD3.5 sampler with SLG and the canny ControlNet"),
+        ip_adapter("sd3.5_large_ip_adapter", "SD3.5 Large prompted with a picture (InstantX IP-Adapter)"),
     ]
     return {wf.name: wf for wf in flows}
 

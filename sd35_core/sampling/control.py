@@ -5,8 +5,8 @@ adds after the joint blocks (:func:`controlnet_residuals`, spread over the block
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -73,6 +73,10 @@ class ControlHint:
     ``[1, 16, h, w]``. ``start``/``end`` are fractions of the sampling steps: step ``i`` of ``steps`` is
     controlled when ``start * steps <= i < end * steps`` (start inclusive, end exclusive), so the default
     0..1 covers every step and ``start == end`` none.
+
+    ``encode(h, w)``, when given, returns the control latent for an area of ``h x w`` latent pixels: the control
+    image fitted to that size and encoded, which is what an area conditioning entry's rows see (ComfyUI's
+    ControlNet resizes its hint to the input it is given). Without it, area rows are refused.
     """
 
     controlnet: ControlNet
@@ -80,6 +84,8 @@ class ControlHint:
     strength: float = 1.0
     start: float = 0.0
     end: float = 1.0
+    encode: Callable[[int, int], torch.Tensor] | None = None
+    _areas: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.start <= self.end <= 1.0):
@@ -96,3 +102,25 @@ class ControlHint:
         to a run without the ControlNet.
         """
         return self.strength != 0.0 and self.start * steps <= step_index < self.end * steps
+
+    def latent_for(self, hw: tuple[int, int], crop: tuple[int, int] | None) -> torch.Tensor:
+        """The control latent for rows of latent size ``hw``: :attr:`cond_latent` for the whole latent; for an
+        area of size ``crop`` (before padding to ``hw``), :attr:`encode` of that size, padded circularly to ``hw``
+        as the rows are (cached per size)."""
+        if crop is None:
+            return self.cond_latent
+        if crop not in self._areas:
+            if self.encode is None:
+                raise ValueError(f"ControlNet with area conditioning: the control image must be fitted to the area "
+                                 f"({crop[1] * 8}x{crop[0] * 8} pixels) and this ControlHint has no encode function "
+                                 "to do it")
+            latent = self.encode(*crop)
+            if latent.ndim != 4 or tuple(latent.shape[-2:]) != tuple(crop):
+                raise ValueError(f"ControlHint.encode({crop[0]}, {crop[1]}): expected a latent [n, C, {crop[0]}, "
+                                 f"{crop[1]}], got {tuple(latent.shape)}")
+            self._areas[crop] = latent
+        latent = self._areas[crop]
+        ph, pw = hw[0] - crop[0], hw[1] - crop[1]
+        if ph or pw:
+            latent = torch.nn.functional.pad(latent, (0, pw, 0, ph), mode="circular")
+        return latent

@@ -32,6 +32,17 @@ prediction is the strength-weighted average of its active entries' predictions, 
 ``calc_cond_batch`` does (``sum(pred * strength) / (1e-37 + sum(strength))``). When no entry of a side
 is active, that sum is empty and the side predicts 0, again as in ComfyUI; a warning is logged once.
 Entries whose context lengths differ cannot share a batch and run in separate model calls.
+
+Area and mask conditioning (ComfyUI's *Conditioning (Set Area)*, *(Set Area with Percentage)*, *(Set Mask)*): an
+entry with an ``area`` runs on the latent cropped to it, weighted by ComfyUI's ``mult`` (strength, feathered
+edges, the mask), and adds to its side only there; rows of equal crop size share a batch. The rules are
+ComfyUI's ``calc_cond_batch`` and are described in :mod:`.regions`. Such entries compose with everything else:
+their skip-layer rows are cropped the same way and combined with the same weights, a ControlNet sees its control
+image fitted to the crop (:meth:`~.control.ControlHint.latent_for`, as ComfyUI's ControlNet resizes its hint to
+the input it is given), the noise mask acts around the guider, and the step cache keys on the crops.
+
+How the cond and uncond predictions combine (CFG, CFG-Zero*, APG, a ComfyUI MODEL's CFG functions, then the
+skip-layer term) is :mod:`.cfg`.
 """
 
 from __future__ import annotations
@@ -43,8 +54,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..validation import check_finite
+from ..validation import check_bool, check_finite
+from .cfg import Combiner
 from .passes import ModelPasses, PassStats, RowBatch, WholePasses, as_passes
+from .regions import FULL, Placement, Region, accumulate, check_area, check_cond_mask, crop_rows, mirror_areas, place
+from .regions import resolve as resolve_region
 from .request import SampleRequest
 from .schedule import percent_to_sigma
 from .step_cache import StepCache
@@ -64,13 +78,22 @@ def _as_float32(value: float) -> float:
 @dataclass
 class CondEntry:
     """One conditioning: T5/CLIP context ``[1, L, D]``, pooled vector ``[1, P]`` and ComfyUI's
-    strength and timestep range (fractions of the sampling run, 0 = start)."""
+    strength and timestep range (fractions of the sampling run, 0 = start).
+
+    Where it acts (:mod:`.regions`): ``area`` ``(h, w, y, x)`` in latent pixels or ``("percentage", h, w, y, x)``
+    in fractions of the latent (``None``: everywhere); ``mask`` a ComfyUI ``MASK`` ``[B, H, W]`` at any size
+    weighting it per pixel, times ``mask_strength``; ``set_area_to_bounds`` makes the area the mask's box.
+    """
 
     context: torch.Tensor
     pooled: torch.Tensor
     strength: float = 1.0
     start_percent: float = 0.0
     end_percent: float = 1.0
+    area: tuple | None = None
+    mask: torch.Tensor | None = None
+    mask_strength: float = 1.0
+    set_area_to_bounds: bool = False
 
     def active(self, sigma: float, shift: float) -> bool:
         """Whether this entry takes part at noise level ``sigma`` (ComfyUI's timestep-range test)."""
@@ -104,6 +127,15 @@ class _Job:
     positive: bool
     index: int
     entry: CondEntry
+    placement: Placement
+
+
+@dataclass
+class _Layout:
+    """Both sides' entries on one latent shape, areas mirrored, with where each acts."""
+
+    positive: list[tuple[CondEntry, Placement]]
+    negative: list[tuple[CondEntry, Placement]]
 
 
 class Guider:
@@ -136,6 +168,8 @@ class Guider:
         self.positive = self._prepare("positive", positive)
         self.negative = self._prepare("negative", negative)
         self._warned_empty = False
+        self._layouts: dict[tuple, _Layout] = {}
+        self.combiner = Combiner(request.cfg, request.cfg_zero_star, request.apg, request.model_hooks)
         self.cache = None
         if request.cache_threshold > 0:
             if not self.passes.blockwise:
@@ -179,6 +213,10 @@ class Guider:
             strength = check_finite(f"{name}[{k}] strength", e.strength, 0.0)
             start = check_finite(f"{name}[{k}] start_percent", e.start_percent, 0.0, 1.0)
             end = check_finite(f"{name}[{k}] end_percent", e.end_percent, 0.0, 1.0)
+            area = check_area(f"{name}[{k}] area", e.area)
+            mask = check_cond_mask(f"{name}[{k}] mask", e.mask)
+            mask_strength = check_finite(f"{name}[{k}] mask_strength", e.mask_strength)
+            check_bool(f"{name}[{k}] set_area_to_bounds", e.set_area_to_bounds)
             # float32 on the model's device once, so no step pays for the copy again
             out.append(
                 CondEntry(
@@ -187,58 +225,100 @@ class Guider:
                     strength,
                     start,
                     end,
+                    area,
+                    None if mask is None else mask.to(device),
+                    mask_strength,
+                    e.set_area_to_bounds,
                 )
             )
         return out
 
+    def _layout(self, shape: tuple[int, ...]) -> _Layout:
+        """The entries of both sides on a latent of ``shape``: regions resolved, areas mirrored to the other
+        side (:func:`~.regions.mirror_areas`), crops and weights placed. Computed once per shape."""
+        if self._layouts.get(shape) is None:
+            hw, device = tuple(shape[2:]), self.passes.device
+            sides = [[(e, resolve_region(e, hw, device) if e.area is not None or e.mask is not None else FULL)
+                      for e in entries] for entries in (self.positive, self.negative)]
+            if any(r.area is not None for side in sides for _, r in side):
+                mirror_areas(sides)
+            placed = []
+            for label, side in zip(("positive", "negative"), sides, strict=True):
+                placed.append([(e, self._place(f"{label}[{k}]", e, r, shape)) for k, (e, r) in enumerate(side)])
+            self._layouts[shape] = _Layout(*placed)
+        return self._layouts[shape]
+
+    def _place(self, name: str, entry: CondEntry, region: Region, shape) -> Placement:
+        placement = place(name, region, entry.strength, entry.mask_strength, shape, self.passes.device)
+        if placement.crop is not None:
+            h, w = placement.crop[:2]
+            p = self.passes.config.patch_size
+            self.passes.config.check_image_size(-(-w // p) * p * 8, -(-h // p) * p * 8)
+        return placement
+
     # ------------------------------------------------------------------------------------------
     # the guided denoiser
 
-    def _combine(self, preds: list[tuple[torch.Tensor, float]], like: torch.Tensor) -> torch.Tensor:
+    def _combine(self, preds: list[tuple[torch.Tensor, float, Placement]], like: torch.Tensor) -> torch.Tensor:
         if not preds:
             if not self._warned_empty:
                 log.warning("no conditioning entry is active at this step: that side predicts 0 (as ComfyUI)")
                 self._warned_empty = True
             return torch.zeros_like(like)
-        if len(preds) == 1 and preds[0][1] == 1.0:
+        if len(preds) == 1 and preds[0][1] == 1.0 and preds[0][2].mult is None:
             return preds[0][0]  # the reference's case; ComfyUI's sum below gives the same bits
         # ComfyUI's calc_cond_batch: accumulate pred * strength and strength, then divide.
         out = torch.zeros_like(like)
-        count = torch.full((), 1e-37, dtype=torch.float32, device=like.device)
-        for pred, strength in preds:
-            out += pred * strength
-            count += strength
-        return out / count
+        if all(p.mult is None for _, _, p in preds):
+            count = torch.full((), 1e-37, dtype=torch.float32, device=like.device)
+            for pred, strength, _ in preds:
+                out += pred * strength
+                count += strength
+            return out / count
+        counts = torch.full_like(like, 1e-37)  # per latent pixel, as entries weigh only inside their areas
+        for pred, strength, placement in preds:
+            accumulate(out, counts, pred, strength, placement)
+        return out / counts
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, step_index: int) -> torch.Tensor:
         request = self.request
+        if self.combiner.zero_init(step_index):
+            return x.clone()  # CFG-Zero*'s zero-init: the prediction is 0, denoised = x; no model call
         batch = x.shape[0]
         s = float(sigma[0])
-        jobs = [_Job(True, k, e) for k, e in enumerate(self.positive) if e.active(s, request.shift)]
+        layout = self._layout(tuple(x.shape))
+        jobs = [_Job(True, k, e, p) for k, (e, p) in enumerate(layout.positive) if e.active(s, request.shift)]
         if self.use_uncond:
-            jobs += [_Job(False, k, e) for k, e in enumerate(self.negative) if e.active(s, request.shift)]
+            jobs += [_Job(False, k, e, p) for k, (e, p) in enumerate(layout.negative) if e.active(s, request.shift)]
         slg = request.slg
         slg_on = slg is not None and slg.active(step_index, request.steps, s, request.shift)
         hints = [h for h in request.controls if h.active(step_index, request.steps)]
         ip_adapters = tuple(h for h in request.ip_adapters if h.active(step_index, request.steps))
 
-        # Entries that can share a batch: same context length. Positives come first in each group, so
-        # with one entry a side the batch is the reference's [cond; uncond].
+        # Entries that can share a batch: same context length and crop size. Positives come first in each
+        # group, so with one entry a side the batch is the reference's [cond; uncond].
         groups: dict[tuple, list[_Job]] = {}
         for job in jobs:
-            key = (tuple(job.entry.context.shape[1:]), tuple(job.entry.pooled.shape[1:]))
+            crop = job.placement.crop
+            key = (tuple(job.entry.context.shape[1:]), tuple(job.entry.pooled.shape[1:]),
+                   None if crop is None else crop[:2])
             groups.setdefault(key, []).append(job)
 
+        patch = self.passes.config.patch_size
         batches = []
         for group in groups.values():
             n = len(group)
+            crop = group[0].placement.crop
+            rows = torch.cat([x] * n) if crop is None else torch.cat([crop_rows(x, j.placement.crop, patch)
+                                                                      for j in group])
             batches.append(RowBatch(
-                torch.cat([x] * n), torch.cat([sigma] * n),
+                rows, torch.cat([sigma] * n),
                 torch.cat([self._rows(j.entry.context, batch) for j in group]),
                 torch.cat([self._rows(j.entry.pooled, batch) for j in group]),
                 sum(j.positive for j in group) * batch if slg_on else 0,
                 tuple((j.positive, j.index) for j in group),
+                None if crop is None else crop[:2],
                 ip_adapters=ip_adapters,
             ))
         skip_layers = slg.layers if slg_on else None
@@ -247,27 +327,29 @@ class Guider:
         else:
             results = [self.passes.run(g, hints, skip_layers) for g in batches]
 
-        pos_preds: list[tuple[torch.Tensor, float]] = []
-        neg_preds: list[tuple[torch.Tensor, float]] = []
-        skip_preds: list[tuple[torch.Tensor, float]] = []
+        pos_preds: list[tuple[torch.Tensor, float, Placement]] = []
+        neg_preds: list[tuple[torch.Tensor, float, Placement]] = []
+        skip_preds: list[tuple[torch.Tensor, float, Placement]] = []
         for group, result in zip(groups.values(), results, strict=True):
             den, den_skip = result.rows, result.skipped
+            crop = group[0].placement.crop
+            if crop is not None:  # cut the padding to the patch size back off
+                den = den[:, :, :crop[0], :crop[1]]
+                den_skip = None if den_skip is None else den_skip[:, :, :crop[0], :crop[1]]
             chunks = den.split(batch)
             skip_chunks = den_skip.split(batch) if den_skip is not None else ()
             for j, (job, chunk) in enumerate(zip(group, chunks, strict=True)):
+                pred = (chunk, job.entry.strength, job.placement)
                 if job.positive:
-                    pos_preds.append((chunk, job.entry.strength))
+                    pos_preds.append(pred)
                     if den_skip is not None:
-                        skip_preds.append((skip_chunks[j], job.entry.strength))
+                        skip_preds.append((skip_chunks[j], job.entry.strength, job.placement))
                 else:
-                    neg_preds.append((chunk, job.entry.strength))
+                    neg_preds.append(pred)
 
         pos = self._combine(pos_preds, x)
-        if self.use_uncond:
-            neg = self._combine(neg_preds, x)
-            out = neg + (pos - neg) * request.cfg
-        else:
-            out = pos
+        neg = self._combine(neg_preds, x) if self.use_uncond else None
+        out, pos = self.combiner(x, sigma, pos, neg)
         if slg_on:
             skipped = self._combine(skip_preds, x) if skip_preds else pos
             out = out + (pos - skipped) * slg.scale

@@ -52,7 +52,8 @@ class PassStats:
 @dataclass
 class RowBatch:
     """One batched model pass of a step: latents, sigmas, conditioning rows, and how many leading rows also
-    take the skip-layer pass (0 when SLG is off at this step)."""
+    take the skip-layer pass (0 when SLG is off at this step). Rows of an area entry hold the latent cropped to
+    it (padded to the patch size); ``crop`` is then the area's size ``(h, w)`` before padding."""
 
     x: torch.Tensor
     sigma: torch.Tensor
@@ -60,6 +61,7 @@ class RowBatch:
     pooled: torch.Tensor
     n_skip: int
     entries: tuple = ()  # which conditioning entries the rows belong to (the step cache keys on it)
+    crop: tuple[int, int] | None = None  # an area's size before padding; None: the whole latent
     ip_adapters: tuple = ()  # the IP-Adapter hints active at this step (sampling.ip_adapter.IPAdapterHint)
 
 
@@ -116,7 +118,7 @@ class _Passes:
         total: list[torch.Tensor | None] | None = None
         for hint in hints:
             outputs = controlnet_residuals(self.control_input, hint.controlnet, g.x, g.sigma, g.pooled,
-                                           hint.cond_latent, hint.strength)
+                                           hint.latent_for(tuple(g.x.shape[-2:]), g.crop), hint.strength)
             per_block = expand_residuals(outputs, self.config.depth)
             if total is None:
                 total = list(per_block)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..validation import check_bool, check_choice, check_finite, check_int, check_seed
+from .cfg import APG, CFGZeroStar, ModelHooks
 from .control import ControlHint
 from .ip_adapter import IPAdapterHint
 from .mask import MASK_MODES, check_mask
@@ -93,7 +94,10 @@ class SampleRequest:
       latent as ComfyUI does; its batch must be 1 or the latent's); ``mask_mode``: ``standard`` (ComfyUI's
       noise-mask sampling) or ``differential`` (a soft mask as per-pixel strength; see :mod:`.mask`);
     - ``cache_threshold`` >= 0: the step cache (:mod:`.step_cache`); 0 turns it off, larger values
-      reuse the blocks after the first on more steps (0.05 to 0.15 are useful values).
+      reuse the blocks after the first on more steps (0.05 to 0.15 are useful values);
+    - ``cfg_zero_star`` (:class:`~.cfg.CFGZeroStar`), ``apg`` (:class:`~.cfg.APG`): CFG variants pinned to
+      ComfyUI's nodes, ``None`` for plain CFG; ``model_hooks`` (:class:`~.cfg.ModelHooks`): a ComfyUI MODEL's
+      own CFG functions (see :mod:`.cfg` for the order they act in).
 
     Adding a setting: give it a field here with a default that keeps today's behaviour, check it in
     :meth:`__post_init__` (a ``ValueError`` starting with the field name), and read it from the
@@ -117,6 +121,9 @@ class SampleRequest:
     noise_mask: torch.Tensor | None = None
     mask_mode: str = "standard"
     cache_threshold: float = 0.0
+    cfg_zero_star: CFGZeroStar | None = None
+    apg: APG | None = None
+    model_hooks: ModelHooks | None = None
 
     def __post_init__(self) -> None:
         check_int("steps", self.steps, 1)
@@ -152,6 +159,12 @@ class SampleRequest:
             object.__setattr__(self, "noise_mask", check_mask(self.noise_mask, "noise_mask"))
         check_choice("mask_mode", self.mask_mode, MASK_MODES)
         object.__setattr__(self, "cache_threshold", check_finite("cache_threshold", self.cache_threshold, 0.0))
+        for name, kind in (("cfg_zero_star", CFGZeroStar), ("apg", APG), ("model_hooks", ModelHooks)):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, kind):
+                raise ValueError(f"{name}: expected {kind.__name__} settings or None, got {type(value).__name__}")
+        if self.apg is not None and self.cfg == 0.0:
+            raise ValueError("apg: adaptive projected guidance divides by cfg; set cfg above 0")
 
     def sigmas(self) -> torch.Tensor:
         """The sigmas this run samples (CPU float32): the schedule, img2img-truncated by ``denoise``."""

@@ -267,7 +267,7 @@ def test_native_checkpoint_with_comfyui_lora_in_our_sampler_equals_the_merged_we
         assert_close(out, f"lora_{case}_native", f"lora_{case}_ours")
 
 
-def test_native_model_sampling_shift_is_honoured_and_guidance_patches_are_refused(server):
+def test_native_model_sampling_shift_is_honoured_and_a_denoise_mask_function_is_refused(server):
     g = Graph()
     native = [g.add("CheckpointLoaderSimple", ckpt_name=FILES.comfy_checkpoint), 0]
     shifted = [g.add("ModelSamplingSD3", model=native, shift=2.0), 0]
@@ -279,13 +279,15 @@ def test_native_model_sampling_shift_is_honoured_and_guidance_patches_are_refuse
     out = run(server, g)
     assert_close(out, "shift_native", "shift_ours")
 
-    slg = [g.add("SkipLayerGuidanceSD3", model=native, layers="1, 2", scale=3.0, start_percent=0.01,
-                 end_percent=0.15), 0]
-    save(g, our_sampler(g, slg, pos, neg, latent), "refused")
+    # CFG functions (SkipLayerGuidanceSD3, CFGZeroStar ...) are honoured (test_graph_idioms_host.py); a denoise-mask
+    # function is not, and is refused by name with what to use instead.
+    differential = [g.add("DifferentialDiffusion", model=native), 0]
+    save(g, our_sampler(g, differential, pos, neg, latent), "refused")
     result = server.run(g)
     error = result["error"]
     assert error is not None and error["node_type"] == "SD35Sampler", result
-    assert "SkipLayerGuidanceSD3" in error["exception_message"] and "KSampler" in error["exception_message"]
+    message = error["exception_message"]
+    assert "DifferentialDiffusion" in message and "mask_mode differential" in message and "KSampler" in message
 
 
 def test_inside_comfyui_block_patches_take_native_passes_and_partial_loads_keep_lora_patches(models, tmp_path):

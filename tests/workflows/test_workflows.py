@@ -65,6 +65,7 @@ FILE_INPUTS = {
     ("SD35TextEncoderLoader", "clip_g_name"), ("SD35TextEncoderLoader", "t5xxl_name"),
     ("SD35VAELoader", "vae_name"), ("SD35ControlNetLoader", "control_net_name"), ("SD35LoraLoader", "lora_name"),
     ("CheckpointLoaderSimple", "ckpt_name"), ("LoraLoaderModelOnly", "lora_name"),
+    ("SD35IPAdapterLoader", "ipadapter_name"), ("SD35CLIPVisionLoader", "clip_name"),
 }
 
 # Which model each workflow is for, and whether it uses its skip-layer guidance (True), or none (False), or the
@@ -83,6 +84,7 @@ WORKFLOW_MODELS = {
     "sd3.5_large_controlnet_blur": ("sd3.5_large_controlnet_blur", False),
     "sd3.5_large_controlnet_depth": ("sd3.5_large_controlnet_depth", False),
     "sd3.5_large_native_lora_controlnet": ("sd3.5_large_controlnet_canny", "sd3.5_medium"),
+    "sd3.5_large_ip_adapter": ("sd3.5_large", False),
 }
 TITLE_HEIGHT = 30  # the frontend draws a node's title bar above its position
 
@@ -136,6 +138,8 @@ def check_value(node_type: str, name: str, value, kind, options) -> None:
     where = f"{node_type}.{name} = {value!r}"
     if kind == FILES:
         extensions = IMAGE_EXTENSIONS if node_type == "LoadImage" else MODEL_EXTENSIONS
+        if node_type == "SD35IPAdapterLoader":  # InstantX's release is a .bin, read as tensors only
+            extensions = (*extensions, ".bin")
         assert isinstance(value, str) and (value.lower().endswith(extensions) or value == "none"), where
     elif isinstance(kind, list):
         assert value in kind, f"{where}: not one of {kind}"

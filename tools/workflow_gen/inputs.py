@@ -14,6 +14,9 @@ CHECKPOINTS = {
 TEXT_ENCODERS = ("clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors")
 CONTROLNET_REPO = "stabilityai/stable-diffusion-3.5-controlnets"
 LORA_NAME = "sd3.5_large_lora.safetensors"  # a placeholder: choose your LoRA in the node
+IP_ADAPTER_NAME = "ip-adapter.bin"  # InstantX's release file, as downloaded
+IP_ADAPTER_REPO = "InstantX/SD3.5-Large-IP-Adapter"
+CLIP_VISION_NAME = "sigclip_vision_patch14_384.safetensors"  # ComfyUI's name for SigLIP so400m-patch14-384
 TINY_CHECKPOINT = "tiny_shapes_sd35.safetensors"  # ships with the pack (assets/tiny_shapes): no download
 
 IMAGE_NAME = "example.png"  # LoadImage's file in ComfyUI's input folder: choose your own image there
@@ -25,4 +28,5 @@ CONTROL_PROMPT = ("a cozy cabin by a mountain lake at sunset, warm light in the 
                   "photograph")
 INPAINT_PROMPT = "a vase of sunflowers on the table, soft window light, photograph"
 OUTPAINT_PROMPT = "a wide mountain valley at dawn, mist over a river, pine forests, photograph"
+IP_PROMPT = "a cat sitting on a windowsill, in the style of the picture, detailed, soft light"
 TINY_PROMPT = "a red circle on the left of a blue background"

@@ -20,7 +20,8 @@ HEIGHTS = {"CheckpointLoaderSimple": 130, "LoraLoaderModelOnly": 110, "VAEDecode
            "SD35VAEEncode": 140, "SD35ControlNetApply": 260, "SaveImage": 560, "LoadImage": 420,
            "ImageScale": 160, "PreviewImage": 380, "SD35CannyPreprocessor": 110, "SD35BlurPreprocessor": 90,
            "SD35DepthNormalize": 90, "SD35LoraLoader": 200, "SD35VAEEncodeForInpaint": 170,
-           "ImagePadForOutpaint": 200}
+           "ImagePadForOutpaint": 200, "SD35IPAdapterLoader": 130, "SD35CLIPVisionLoader": 130,
+           "SD35ApplyIPAdapter": 230}
 
 
 class Column:
