@@ -116,13 +116,13 @@ def register_model_folder(folder: str, extensions: Iterable[str]) -> None:
     if _folder_paths is None:
         return
     extensions = {e.lower() for e in extensions}
+    default = os.path.join(_folder_paths.models_dir, folder)
     registry = _folder_paths.folder_names_and_paths
-    if folder in registry:
+    if folder in registry:  # another pack, or extra_model_paths.yaml (which registers no extensions)
         paths, known = registry[folder]
-        if not extensions <= set(known):
-            registry[folder] = (paths, set(known) | extensions)
+        registry[folder] = (paths if default in paths else [*paths, default], set(known) | extensions)
     else:
-        registry[folder] = ([os.path.join(_folder_paths.models_dir, folder)], extensions)
+        registry[folder] = ([default], extensions)
 
 
 def _fallback_folder(folder: str) -> str | None:

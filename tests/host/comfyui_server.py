@@ -28,7 +28,8 @@ COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 PACK_DIR = "comfyui_sd35"  # the folder name the pack gets in the server's custom_nodes
 START_TIMEOUT = 180
 RUN_TIMEOUT = 120
-MODEL_FOLDERS = ("checkpoints", "diffusion_models", "text_encoders", "vae", "controlnet", "loras")
+MODEL_FOLDERS = ("checkpoints", "diffusion_models", "text_encoders", "vae", "controlnet", "loras", "clip_vision",
+                 "ipadapter")
 
 
 def comfyui_python() -> str:
