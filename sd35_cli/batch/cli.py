@@ -30,6 +30,7 @@ RAY_GENERATE_OPTIONS = (
     "dtype", "device", "text_encoder_device", "lora", "negative_prompt", "sampler", "steps", "cfg", "shift",
     "width", "height", "skip_layer_cfg", "slg_layers", "slg_scale", "slg_start", "slg_end", "slg_window", "mask",
     "grow_mask", "mask_mode", "cache_threshold", "compile", "ip_adapter", "clip_vision", "ip_image", "ip_scale",
+    "cfg_zero_star", "zero_init_steps", "apg", "apg_eta", "apg_norm_threshold", "apg_momentum",
 )
 RAY_NOT_GENERATE_OPTIONS = ("prompt", "seed", "verbose", "out_dir", "postfix", "seed_type", "save_latent", "json")
 log = logging.getLogger("sd35_cli.batch")
@@ -45,7 +46,8 @@ Prompts file (format from the extension, or --format):
   .csv    a header row; .tsv the same with tabs
   .jsonl  one JSON object a line
 Columns: prompt, negative, seed, steps, cfg, width, height, denoise, control_image, init_image, mask_image,
-ip_image, ip_scale (the picture and weight of SD3.5 Apply IP-Adapter)
+ip_image, ip_scale (the picture and weight of SD3.5 Apply IP-Adapter), apg_eta, apg_norm_threshold,
+apg_momentum (ComfyUI's APG node on the model; --engine ray: sd35 generate's --apg_*)
 (image paths are relative to the prompts file; a mask is white = repaint, or the transparent part of an
 image). Empty cells keep the workflow's value. Other columns need --map. A bad cell names the file, line,
 row, column and what was expected.

@@ -34,6 +34,9 @@ COLUMNS: dict[str, str] = {
     "mask_image": "path",
     "ip_image": "path",
     "ip_scale": "float",
+    "apg_eta": "float",
+    "apg_norm_threshold": "float",
+    "apg_momentum": "float",
 }
 PATH_COLUMNS = frozenset(c for c, kind in COLUMNS.items() if kind == "path")
 FORMATS = ("txt", "csv", "tsv", "jsonl")

@@ -47,6 +47,9 @@ MASK_CONSUMERS: dict[str, str] = {
     "SetLatentNoiseMask": "mask",
     "InpaintModelConditioning": "mask",
 }
+# CFG patches on the MODEL: column -> (node type, input). ComfyUI's APG node (sd35 generate's --apg_*).
+CFG_PATCHES: dict[str, tuple[str, str]] = {"apg_eta": ("APG", "eta"), "apg_norm_threshold": ("APG", "norm_threshold"),
+                                           "apg_momentum": ("APG", "momentum")}
 # IP-Adapter applications: type -> (the picture's IMAGE input, the weight input).
 IP_APPLIES: dict[str, tuple[str, str]] = {"SD35ApplyIPAdapter": ("image", "weight")}
 CONTROL_APPLIES: dict[str, str] = {
@@ -152,6 +155,9 @@ def default_targets(api: Mapping[str, Mapping[str, Any]], column: str,
                 start = api[nid]["inputs"].get(CONTROL_APPLIES[ct])
                 ids += [f for f in _trace(api, object_info, start, frozenset({"IMAGE"}), IMAGE_LOADERS) if f not in ids]
         return [Target(nid, IMAGE_LOADERS[api[nid]["class_type"]]) for nid in ids]
+    if column in CFG_PATCHES:
+        node_type, name = CFG_PATCHES[column]
+        return [Target(nid, name) for nid in sorted(api, key=node_order) if api[nid].get("class_type") == node_type]
     if column in ("ip_image", "ip_scale"):
         applies = [nid for nid in sorted(api, key=node_order) if api[nid].get("class_type") in IP_APPLIES]
         if column == "ip_scale":

@@ -112,13 +112,16 @@ def noise_mask_of(opts: GenerateOptions, say: Callable[[str], None]) -> torch.Te
 def build_request(opts: GenerateOptions, settings: Settings, init: torch.Tensor | None, controls: list,
                   noise_mask: torch.Tensor | None, seed: int, ip_adapters: tuple = ()):
     """The ``SampleRequest`` of one image: the resolved settings, ``--denoise`` when starting from an image, the
-    IP-Adapter hints of ``--ip_image``."""
+    IP-Adapter hints of ``--ip_image``, the CFG variants (``--cfg_zero_star``, ``--apg``)."""
     from sd35_core.sampling.request import SampleRequest
+
+    from .cfg_options import cfg_variants
 
     return SampleRequest(steps=settings.steps, cfg=settings.cfg, sampler=settings.sampler, shift=settings.shift,
                          seed=seed, denoise=opts.denoise if init is not None else 1.0, slg=settings.slg,
                          controls=controls, noise_mask=noise_mask, mask_mode=opts.mask_mode,
-                         cache_threshold=opts.cache_threshold or 0.0, ip_adapters=ip_adapters)
+                         cache_threshold=opts.cache_threshold or 0.0, ip_adapters=ip_adapters,
+                         **cfg_variants(opts))
 
 
 def sample_latent(loaded: LoadedModels, opts: GenerateOptions, request, positive, negative,

@@ -20,6 +20,7 @@ from sd35_core.sampling.mask import MASK_MODES
 from sd35_core.sampling.samplers import SAMPLERS
 
 from ..main import UsageError
+from .cfg_options import add_cfg_options, check_cfg_options
 
 HELP = "text-to-image / image-to-image / inpainting / ControlNet, a drop-in for the reference's sd3_infer.py"
 DESCRIPTION = """\
@@ -42,7 +43,8 @@ Where this differs from the reference, on purpose:
   * An existing output folder is an error, as in the reference (choose another --postfix).
   * An --init_image or --controlnet_cond_image of another aspect ratio is center-cropped to the output's
     aspect before resizing (--resize_mode crop, with a note); the reference stretches it: --resize_mode stretch.
-Beyond the reference: explicit SLG parameters (--slg_*), text encoder files (--clip_l, --clip_g, --t5xxl;
+Beyond the reference: explicit SLG parameters (--slg_*), CFG-Zero* and APG as ComfyUI's nodes compute them
+(--cfg_zero_star, --zero_init_steps, --apg, --apg_*), text encoder files (--clip_l, --clip_g, --t5xxl;
 --t5xxl none runs without T5), tokenizer files (--tokenizers, --comfyui or COMFYUI_PATH), --device, --dtype,
 --save_latent, --json, --negative_prompt, ControlNet strength and image preprocessing, and inpainting:
 --init_image IMG --mask MASK.png repaints where the mask is white (or the image transparent) and keeps the
@@ -266,6 +268,7 @@ def _add_options(ref, ext) -> None:
     _opt(ext, "slg_end", type=parse_float, metavar="F", help="SLG window end, fraction of the steps")
     _opt(ext, "slg_window", choices=("steps", "sigma"),
          help="steps: the reference's step-index window (default); sigma: ComfyUI's sigma-percent window")
+    add_cfg_options(ext, _opt, _flag, parse_int, parse_float)
     _opt(ext, "clip_l", type=parse_optional_str, metavar="FILE", help="CLIP-L text encoder file")
     _opt(ext, "clip_g", type=parse_optional_str, metavar="FILE", help="CLIP-G text encoder file")
     _opt(ext, "t5xxl", metavar="FILE|none", help="T5-XXL text encoder file; 'none' runs without T5")
@@ -354,6 +357,12 @@ class GenerateOptions:
     slg_start: float | None = None
     slg_end: float | None = None
     slg_window: str | None = None
+    cfg_zero_star: bool = False
+    zero_init_steps: int | None = None
+    apg: bool = False
+    apg_eta: float | None = None
+    apg_norm_threshold: float | None = None
+    apg_momentum: float | None = None
     clip_l: str | None = None
     clip_g: str | None = None
     t5xxl: str | None = None
@@ -454,6 +463,7 @@ def validate_options(opts: GenerateOptions) -> None:
     from .ip_adapter import check_ip_options
 
     check_ip_options(opts)
+    check_cfg_options(opts)
     if opts.controlnet_cond_image and not opts.controlnet_ckpt:
         raise UsageError("--controlnet_cond_image needs --controlnet_ckpt (the ControlNet to feed it to)")
     if opts.controlnet_ckpt and not opts.controlnet_cond_image:

@@ -102,4 +102,7 @@ def settings_summary(s: Settings, opts: GenerateOptions) -> dict[str, Any]:
         d["denoise"] = opts.denoise
     if opts.mask:
         d["mask"] = {"file": opts.mask, "grow": opts.grow_mask, "mode": opts.mask_mode}
+    from .cfg_options import cfg_summary
+
+    d.update(cfg_summary(opts))
     return d

@@ -36,6 +36,9 @@ COLUMN_OPTIONS = {
     "mask_image": "mask",
     "ip_image": "ip_image",
     "ip_scale": "ip_scale",
+    "apg_eta": "apg_eta",
+    "apg_norm_threshold": "apg_norm_threshold",
+    "apg_momentum": "apg_momentum",
 }
 # Options that only say where and how a command writes its results: no part of what an image is.
 NOT_IN_FINGERPRINT = ("prompt", "out_dir", "postfix", "seed", "seed_type", "verbose", "save_latent", "json")
