@@ -228,6 +228,10 @@ def load_checkpoint(
 ) -> ModelParts:
     """Load every part a checkpoint holds: diffusion model (required), VAE and text encoders when bundled.
 
+    ``path`` is a single file (official, ComfyUI scaled-fp8 or diffusers layout) or a diffusers model folder
+    (``transformer/``, ``vae/``, ``text_encoder*/``). Every tensor of the file must be read by a part or be a
+    known harmless extra (:mod:`.unused_tensors`), else the load fails naming the tensors.
+
     A GGUF file holds the diffusion model only; its tensors stay as the file stores them (quantized blocks,
     F16, F32) and are dequantized or cast to ``dtype``'s compute dtype when each layer runs.
     ``text_dtype`` is the bundled text encoders' dtype; by default fp32 on CPU and fp16 elsewhere (callers
