@@ -39,11 +39,16 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def _storage(layer: torch.nn.Module) -> str:
     quant = getattr(layer, "weight_quant", None)
-    if quant is not None:
-        qtype = getattr(quant, "qtype", None)
+    # A native ComfyUI model (run by our sampler) marks the same storage its own way: ComfyUI-GGUF's weights carry
+    # their ``tensor_type``, ComfyUI's scaled-fp8 layers a ``scale_weight`` parameter.
+    qtype = getattr(quant, "qtype", None) if quant is not None else getattr(layer.weight, "tensor_type", None)
+    if qtype is not None:
         return f"{GGUF} {getattr(qtype, 'name', qtype)}"
     name = dtype_name(layer.weight.dtype)
-    if getattr(layer, "weight_scale", None) is not None:
+    scale = getattr(layer, "weight_scale", None)
+    if scale is None:
+        scale = getattr(layer, "scale_weight", None)
+    if isinstance(scale, torch.Tensor):
         return f"{name} with per-tensor scales ({SCALED_FP8})"
     return name
 

@@ -61,6 +61,16 @@ def test_weights_label_names_the_storage_of_the_large_matrices():
     assert weights_label(model.to(torch.bfloat16)) == "bfloat16"
 
 
+def test_weights_label_reads_the_marks_of_a_native_comfyui_scaled_fp8_layer():
+    # ComfyUI's scaled-fp8 Linear holds its fp8 weight and a float32 ``scale_weight`` parameter beside it.
+    model = tiny_mmdit("sd3.5_large", seed=0)
+    for layer in model.modules():
+        if isinstance(layer, torch.nn.Linear):
+            layer.weight = torch.nn.Parameter(layer.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
+            layer.scale_weight = torch.nn.Parameter(torch.ones(()), requires_grad=False)
+    assert weights_label(model) == "float8_e4m3fn with per-tensor scales (scaled fp8)"
+
+
 def _write_and_load(tmp_path, storage: str):
     from bench.gguf_write import write_gguf
     from sd35_core.loading import loader, tiny
