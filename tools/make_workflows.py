@@ -27,6 +27,7 @@ from workflow_gen.graph import Workflow  # noqa: E402
 from workflow_gen.image_to_image import img2img, masked_repaint  # noqa: E402
 from workflow_gen.ip_adapter import ip_adapter  # noqa: E402
 from workflow_gen.pack import ROOT  # noqa: E402
+from workflow_gen.regional import regional  # noqa: E402
 from workflow_gen.text_to_image import lora, tiny_shapes, txt2img  # noqa: E402
 
 WORKFLOWS = os.path.join(ROOT, "workflows")
@@ -53,6 +54,8 @@ def build_workflows() -> dict[str, Workflow]:
         native_lora_controlnet("sd3.5_large_native_lora_controlnet",
                                "ComfyUI's SD3.5 Large + LoRA in the SD3.5 sampler with SLG and the canny ControlNet"),
         ip_adapter("sd3.5_large_ip_adapter", "SD3.5 Large prompted with a picture (InstantX IP-Adapter)"),
+        regional("sd3.5_medium_regional_slg", "SD3.5 Medium regional prompting: a base prompt and two areas, with "
+                 "skip-layer guidance"),
     ]
     return {wf.name: wf for wf in flows}
 

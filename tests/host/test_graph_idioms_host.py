@@ -25,13 +25,17 @@ WIDTH, HEIGHT = 128, 96  # ConditioningSetArea's smallest area is 64 x 64 pixels
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A ComfyUI with this pack and the tiny model set."""
+def models(tmp_path_factory):
     from sd35_core.loading.tiny import write_tiny_model_set
 
+    return write_tiny_model_set(tmp_path_factory.mktemp("comfy_models"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, models):
+    """A ComfyUI with this pack and the tiny model set."""
     from .comfyui_server import start_server
 
-    models = write_tiny_model_set(tmp_path_factory.mktemp("comfy_models"), seed=0)
     srv = start_server(tmp_path_factory.mktemp("comfy_base"), models)
     try:
         yield srv
@@ -160,3 +164,67 @@ def test_cfg_patch_on_the_model_equals_ksampler(server, patch):
     assert (out["ours_patch"] - out["ours_plain"]).abs().max() > 100 * PARITY  # the patch really acted
     if patch == "SkipLayerGuidanceSD3":
         assert "sampled after ComfyUI's patches" in server.log()
+
+
+# ------------------------------------------------------------------------------ the command line's flags
+
+CLI_FLAGS = {
+    "CFGZeroStar": ({}, ["--cfg_zero_star"]),
+    "APG": (dict(eta=0.7, norm_threshold=3.0, momentum=-0.5),
+            ["--apg_eta", "0.7", "--apg_norm_threshold", "3", "--apg_momentum", "-0.5"]),
+}
+
+
+@pytest.mark.parametrize("patch", list(CLI_FLAGS))
+def test_command_line_flags_equal_ksampler_with_comfyuis_node(server, models, tmp_path, patch):
+    # sd35 generate on the same files (ComfyUI's own tokenizer files, as the server's text encoder node uses)
+    # against KSampler on the bridged model with ComfyUI's node; the reference schedule is ComfyUI's normal.
+    import os
+
+    from safetensors.torch import load_file
+
+    from sd35_cli.main import main
+
+    from .comfyui_server import COMFYUI_PATH as comfyui
+
+    inputs, flags = CLI_FLAGS[patch]
+    g = Graph()
+    _, model, pos, neg, latent = setup(g)
+    patched = [g.add(patch, model=model, **inputs), 0]
+    save(g, ksampler(g, patched, pos, neg, latent, "dpmpp_2m"), "ks_cli")
+    out = run(server, g)
+    path = tmp_path / "cli.safetensors"
+    rc = main(["generate", "--model", models.checkpoints["sd3.5_medium"],
+               "--model_folder", os.path.dirname(models.text_encoders["clip_l"]), "--comfyui", comfyui,
+               "--prompt", "a lighthouse on a cliff at dusk", "--negative_prompt", "blurry",
+               "--out_dir", str(tmp_path / "out"), "--width", str(WIDTH), "--height", str(HEIGHT), "--steps", "4",
+               "--cfg", "4", "--sampler", "dpmpp_2m", "--shift", "3", "--seed", "42", "--seed_type", "fixed",
+               "--dtype", "fp32", "--device", "cpu", "--save_latent", str(path), *flags])
+    assert rc == 0
+    out["cli"] = load_file(path)["latent"]
+    assert_close(out, "ks_cli", "cli")
+
+
+# ------------------------------------------------------------------------------------- the shipped workflow
+
+def test_the_shipped_regional_workflow_runs(server):
+    from .graphs import assert_success, shipped_api_workflow
+
+    workflow = shipped_api_workflow("sd3.5_medium_regional_slg")
+    by_type: dict[str, list] = {}
+    for node in workflow.values():
+        by_type.setdefault(node["class_type"], []).append(node["inputs"])
+    assert len(by_type["ConditioningSetArea"]) == 2 and len(by_type["ConditioningCombine"]) == 2
+    (sampler,) = by_type["SD35Sampler"]
+    assert sampler["slg_scale"] > 0 and sampler["slg_layers"] == "7,8,9"
+    # the tiny model's position grid covers 512 px, and CPU time is short: a quarter of the size in a few steps
+    by_type["SD35CheckpointLoader"][0]["ckpt_name"] = "tiny-sd3.5_medium.safetensors"
+    by_type["SD35EmptyLatent"][0].update(width=256, height=256)
+    for area in by_type["ConditioningSetArea"]:
+        area.update({k: area[k] // 4 for k in ("width", "height", "x", "y")})
+        area.update(width=max(64, area["width"]), height=max(64, area["height"]))
+    sampler["steps"] = 3
+    result = server.run(workflow)
+    assert_success(result, server)
+    (image,) = server.images(result["prompt_id"])
+    assert image.shape == (256, 256, 3)

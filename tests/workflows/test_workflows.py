@@ -53,6 +53,16 @@ CORE_NODES = {
         "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}),
     }}, ("MODEL",)),
     "VAEDecode": ({"required": {"samples": ("LATENT",), "vae": ("VAE",)}}, ("IMAGE",)),
+    "ConditioningSetArea": ({"required": {
+        "conditioning": ("CONDITIONING",),
+        "width": ("INT", {"default": 64, "min": 64, "max": 16384, "step": 8}),
+        "height": ("INT", {"default": 64, "min": 64, "max": 16384, "step": 8}),
+        "x": ("INT", {"default": 0, "min": 0, "max": 16384, "step": 8}),
+        "y": ("INT", {"default": 0, "min": 0, "max": 16384, "step": 8}),
+        "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01}),
+    }}, ("CONDITIONING",)),
+    "ConditioningCombine": ({"required": {"conditioning_1": ("CONDITIONING",), "conditioning_2": ("CONDITIONING",)}},
+                            ("CONDITIONING",)),
 }
 # Nodes the frontend itself provides (never sent to the server), with their widgets.
 FRONTEND_ONLY = {"Note": ["text"]}
@@ -85,6 +95,7 @@ WORKFLOW_MODELS = {
     "sd3.5_large_controlnet_depth": ("sd3.5_large_controlnet_depth", False),
     "sd3.5_large_native_lora_controlnet": ("sd3.5_large_controlnet_canny", "sd3.5_medium"),
     "sd3.5_large_ip_adapter": ("sd3.5_large", False),
+    "sd3.5_medium_regional_slg": ("sd3.5_medium", True),
 }
 TITLE_HEIGHT = 30  # the frontend draws a node's title bar above its position
 

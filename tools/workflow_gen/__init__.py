@@ -7,5 +7,6 @@
 - ``notes``: the text of each workflow's "Read me" note.
 - ``layout``: columns of nodes, node heights and colours.
 - ``node_blocks``: the runs of nodes most workflows share (loaders, prompts, sampler, decode and save).
-- ``text_to_image``, ``image_to_image``, ``controlnet``, ``ip_adapter``: one builder per kind of workflow.
+- ``text_to_image``, ``image_to_image``, ``controlnet``, ``ip_adapter``, ``regional``: one builder per kind of
+  workflow.
 """

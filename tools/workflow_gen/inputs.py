@@ -29,4 +29,7 @@ CONTROL_PROMPT = ("a cozy cabin by a mountain lake at sunset, warm light in the 
 INPAINT_PROMPT = "a vase of sunflowers on the table, soft window light, photograph"
 OUTPAINT_PROMPT = "a wide mountain valley at dawn, mist over a river, pine forests, photograph"
 IP_PROMPT = "a cat sitting on a windowsill, in the style of the picture, detailed, soft light"
+REGIONAL_PROMPT = "a quiet harbour town at dusk, two figures on the pier, soft warm light, detailed, photograph"
+REGION_LEFT_PROMPT = "a red paper lantern glowing above an old fisherman in a yellow raincoat"
+REGION_RIGHT_PROMPT = "a young woman in a blue dress holding a white umbrella"
 TINY_PROMPT = "a red circle on the left of a blue background"

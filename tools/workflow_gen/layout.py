@@ -21,7 +21,7 @@ HEIGHTS = {"CheckpointLoaderSimple": 130, "LoraLoaderModelOnly": 110, "VAEDecode
            "ImageScale": 160, "PreviewImage": 380, "SD35CannyPreprocessor": 110, "SD35BlurPreprocessor": 90,
            "SD35DepthNormalize": 90, "SD35LoraLoader": 200, "SD35VAEEncodeForInpaint": 170,
            "ImagePadForOutpaint": 200, "SD35IPAdapterLoader": 130, "SD35CLIPVisionLoader": 130,
-           "SD35ApplyIPAdapter": 230}
+           "SD35ApplyIPAdapter": 230, "ConditioningSetArea": 200, "ConditioningCombine": 80}
 
 
 class Column:

@@ -26,6 +26,11 @@ CORE_NODES = {
     "LoraLoaderModelOnly": {"inputs": [("model", "MODEL")], "widgets": ["lora_name", "strength_model"],
                             "outputs": [("MODEL", "MODEL")]},
     "VAEDecode": {"inputs": [("samples", "LATENT"), ("vae", "VAE")], "widgets": [], "outputs": [("IMAGE", "IMAGE")]},
+    "ConditioningSetArea": {"inputs": [("conditioning", "CONDITIONING")],
+                            "widgets": ["width", "height", "x", "y", "strength"],
+                            "outputs": [("CONDITIONING", "CONDITIONING")]},
+    "ConditioningCombine": {"inputs": [("conditioning_1", "CONDITIONING"), ("conditioning_2", "CONDITIONING")],
+                            "widgets": [], "outputs": [("CONDITIONING", "CONDITIONING")]},
 }
 FRONTEND_ONLY = {"Note"}
 NOT_SENT = {"upload"}  # widgets the frontend does not send with the prompt
