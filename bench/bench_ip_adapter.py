@@ -2,7 +2,7 @@
 the resampler alone (the part of the adapter that runs once per step, not per block).
 
 Run from the repository root: ``python bench/bench_ip_adapter.py`` (options: --depth --hidden --size --repeats
---threads --resampler-hidden --slg). Prints one JSON object on stdout.
+--threads --resampler-hidden --slg --layers). Prints one JSON object on stdout.
 
 The bench shape is bench_slg.py's (24 joint blocks of width 256, a 512x512 image: 1024 image tokens, 154 context
 tokens) in SD3.5 Large's layout (no second self-attention), with an adapter of the released structure: SigLIP
@@ -48,7 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resampler-hidden", type=int, default=1280, help="resampler width (multiple of 64)")
     p.add_argument("--context-tokens", type=int, default=154)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--slg", action="store_true", help="also time a step with skip-layer guidance (layers 7,8,9)")
+    p.add_argument("--slg", action="store_true", help="also time a step with skip-layer guidance")
+    p.add_argument("--layers", default="7,8,9", help="with --slg: the skipped joint blocks, comma separated")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return p.parse_args(argv)
 
@@ -88,7 +89,8 @@ def main(argv=None) -> dict:
     runs = {"cfg": Guider(model, pos, neg, base),
             "cfg_ip": Guider(model, pos, neg, replace(base, ip_adapters=[hint]))}
     if args.slg:
-        slg = SkipLayerGuidance(layers=(7, 8, 9), scale=2.5, start=0.0, end=1.0)
+        layers = tuple(int(v) for v in args.layers.split(",") if v.strip())
+        slg = SkipLayerGuidance(layers=layers, scale=2.5, start=0.0, end=1.0)
         runs["slg"] = Guider(model, pos, neg, replace(base, slg=slg))
         runs["slg_ip"] = Guider(model, pos, neg, replace(base, slg=slg, ip_adapters=[hint]))
 
