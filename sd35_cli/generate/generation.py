@@ -305,11 +305,15 @@ def _image_settings(opts: GenerateOptions, settings: Settings, request: Any, pro
                       "preprocess": opts.controlnet_preprocess}
     loras = tuple({"file": os.path.basename(lo.path), "strength": lo.strength, "clip_strength": lo.clip_strength}
                   for lo in opts.lora)
+    ip_adapter = None
+    if opts.ip_adapter:
+        ip_adapter = {"model": os.path.basename(opts.ip_adapter), "image": os.path.basename(opts.ip_image or ""),
+                      "scale": request.ip_adapters[0].weight if request.ip_adapters else 0.0}
     return image_settings(
         prompt=prompt, negative=opts.negative_prompt, seed=seed, steps=settings.steps, cfg=settings.cfg,
         sampler=settings.sampler, schedule=request.schedule, shift=settings.shift, slg=slg, width=opts.width,
         height=opts.height, model=opts.model, denoise=opts.denoise if img2img else None,
-        init_image=opts.init_image if img2img else None, controlnet=controlnet, loras=loras,
+        init_image=opts.init_image if img2img else None, controlnet=controlnet, loras=loras, ip_adapter=ip_adapter,
     )
 
 

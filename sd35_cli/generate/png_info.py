@@ -26,7 +26,7 @@ def image_settings(
     *, prompt: str, negative: str, seed: int, steps: int, cfg: float, sampler: str, schedule: str, shift: float,
     slg: Mapping[str, Any] | None, width: int, height: int, model: str, denoise: float | None = None,
     init_image: str | None = None, controlnet: Mapping[str, Any] | None = None,
-    loras: tuple[Mapping[str, Any], ...] = (),
+    loras: tuple[Mapping[str, Any], ...] = (), ip_adapter: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One image's settings, JSON-ready; files are named by their base names (paths stay private)."""
     d: dict[str, Any] = {
@@ -40,6 +40,8 @@ def image_settings(
     if controlnet is not None:
         d["controlnet"] = dict(controlnet)
     d["loras"] = [dict(lora) for lora in loras]
+    if ip_adapter is not None:
+        d["ip_adapter"] = dict(ip_adapter)
     return d
 
 

@@ -48,6 +48,9 @@ def test_ip_adapter_run_equals_the_pipeline_and_scale_0_is_no_adapter(capsys, ge
     assert torch.equal(_latent(capsys, gen_args, tmp_path, "zero", *ip, "--ip_scale", "0"), base)
     ours = _latent(capsys, gen_args, tmp_path, "ip", *ip, "--ip_scale", "0.7")
     assert (ours - base).abs().max() > 1e-3
+    (png,) = (tmp_path / "out").rglob("*_ip/000000.png")
+    recorded = json.loads(Image.open(png).text["sd35"])["ip_adapter"]
+    assert recorded == {"model": "ip-adapter.bin", "image": "style.png", "scale": 0.7}
 
     parts, text = _direct_parts(tiny_models, "sd3.5_large")
     pos, neg = text.encode("a lighthouse at dusk"), text.encode("")
