@@ -36,6 +36,8 @@ TEXT_ENCODERS: dict[str, tuple[str, ...]] = {
     "CLIPTextEncode": ("text",),
     "CLIPTextEncodeSD3": ("clip_l", "clip_g", "t5xxl"),
 }
+# Regional conditioning: a prompt placed by one of these is not "the" prompt, so the prompt columns stop there.
+REGION_NODES = frozenset({"ConditioningSetArea", "ConditioningSetAreaPercentage", "ConditioningSetMask"})
 LATENT_SOURCES = frozenset({"SD35EmptyLatent", "EmptySD3LatentImage", "EmptyLatentImage"})
 IMAGE_SIZERS = frozenset({"ImageScale"})  # image-to-image: the size the input image is scaled to
 IMAGE_LOADERS: dict[str, str] = {"LoadImage": "image"}
@@ -72,8 +74,8 @@ class Target:
 
 
 def _trace(api: Mapping[str, Mapping[str, Any]], object_info: ObjectInfo | None, start: Any, follow: frozenset,
-           stop: Iterable[str]) -> list[str]:
-    """Nodes of the ``stop`` types found walking links upstream from link ``start``.
+           stop: Iterable[str], avoid: frozenset = frozenset()) -> list[str]:
+    """Nodes of the ``stop`` types found walking links upstream from link ``start`` (never through ``avoid`` types).
 
     Only inputs whose type is in ``follow`` are walked (all links when the types are unknown). A node with as
     many outputs of a followed type as inputs of that type (positive/negative pairs such as ControlNet apply)
@@ -90,6 +92,8 @@ def _trace(api: Mapping[str, Mapping[str, Any]], object_info: ObjectInfo | None,
         seen.add((nid, slot))
         node = api[nid]
         ct = node.get("class_type")
+        if ct in avoid:
+            continue
         if ct in stop:
             if nid not in found:
                 found.append(nid)
@@ -128,18 +132,18 @@ def default_targets(api: Mapping[str, Mapping[str, Any]], column: str,
                 out.append(Target(nid, name))
         return out
 
-    def upstream(role: str, follow: frozenset, stop: Iterable[str]) -> list[str]:
+    def upstream(role: str, follow: frozenset, stop: Iterable[str], avoid: frozenset = frozenset()) -> list[str]:
         found: list[str] = []
         for nid in sampler_ids:
             name = SAMPLERS[api[nid]["class_type"]].get(role)
             if name is not None:
-                found += [f for f in _trace(api, object_info, api[nid]["inputs"].get(name), follow, stop)
+                found += [f for f in _trace(api, object_info, api[nid]["inputs"].get(name), follow, stop, avoid)
                           if f not in found]
         return found
 
     if column in ("prompt", "negative"):
         role = "positive" if column == "prompt" else "negative"
-        ids = upstream(role, frozenset({"CONDITIONING"}), TEXT_ENCODERS)
+        ids = upstream(role, frozenset({"CONDITIONING"}), TEXT_ENCODERS, REGION_NODES)
         return [Target(nid, name) for nid in ids for name in TEXT_ENCODERS[api[nid]["class_type"]]]
     if column in ("width", "height"):
         ids = upstream("latent", frozenset({"LATENT", "IMAGE"}), LATENT_SOURCES | IMAGE_SIZERS)

@@ -68,6 +68,13 @@ def info():
                                      "feathering": ["INT", {"default": 40, "min": 0, "max": 16384}]},
                                     ["IMAGE", "MASK"], "Pad Image for Outpainting"),
         "ConditioningZeroOut": core({"conditioning": ["CONDITIONING", {}]}, ["CONDITIONING"], "ConditioningZeroOut"),
+        "ConditioningSetArea": core({"conditioning": ["CONDITIONING", {}],
+                                     **{k: ["INT", {"default": d, "min": d, "max": 16384, "step": 8}]
+                                        for k, d in (("width", 64), ("height", 64), ("x", 0), ("y", 0))},
+                                     "strength": ["FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0}]},
+                                    ["CONDITIONING"], "Conditioning (Set Area)"),
+        "ConditioningCombine": core({"conditioning_1": ["CONDITIONING", {}], "conditioning_2": ["CONDITIONING", {}]},
+                                    ["CONDITIONING"], "Conditioning (Combine)"),
         "CLIPTextEncode": core({"text": ["STRING", {"multiline": True}], "clip": ["CLIP", {}]}, ["CONDITIONING"],
                                "CLIP Text Encode (Prompt)"),
         "CheckpointLoaderSimple": core({"ckpt_name": [["sd3.5_large.safetensors"], {}]}, ["MODEL", "CLIP", "VAE"],

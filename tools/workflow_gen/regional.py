@@ -18,7 +18,8 @@ def regional(name: str, title: str) -> Workflow:
     variant = "sd3.5_medium"
     d = defaults_table()[variant]
     wf = Workflow(name)
-    extra = ("Regional prompting: the base prompt describes the whole picture; each area's prompt acts only inside "
+    extra = ("Regional prompting: the positive prompt describes the whole picture (sd35 batch's prompt column "
+             "writes it); each area's prompt acts only inside "
              "its box (Conditioning (Set Area): width, height, x, y in pixels, strength its weight against the "
              "prompts that overlap it), with softened edges, exactly as ComfyUI's KSampler computes it. Combine as "
              "many areas as you like; Conditioning (Set Area with Percentage) and Conditioning (Set Mask) work "
@@ -28,8 +29,7 @@ def regional(name: str, title: str) -> Workflow:
     note = add_readme_note(models, readme_text(title, variant, d, slg=True, extra=extra))
     ckpt, clip = add_loaders(models, variant)
     prompt = models.next(380)
-    base, neg = add_prompts(prompt, clip, REGIONAL_PROMPT)
-    base.title = "Base prompt (whole picture)"
+    base, neg = add_prompts(prompt, clip, REGIONAL_PROMPT)  # "Positive prompt": the whole picture (batch's prompt)
     latent = add_image_size(prompt, ckpt)
     regions = prompt.next(380)
     combined, nodes = (base, "conditioning"), []
