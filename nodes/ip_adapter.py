@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import torch
 
+from ..sd35_core.errors import CheckpointError
 from ..sd35_core.image.siglip_input import encode_image
 from ..sd35_core.loading.clip_vision import load_siglip_vision
 from ..sd35_core.loading.ip_adapter import load_ip_adapter
@@ -71,7 +72,10 @@ class SD35IPAdapterLoader:
         dtype = resolve_weight_dtype(weight_dtype, device)
 
         def _load():
-            adapter = load_ip_adapter(path, dtype, host.offload_device())
+            try:
+                adapter = load_ip_adapter(path, dtype, host.offload_device())
+            except CheckpointError as e:
+                raise CheckpointError(f"{LOADER_NODE}: {e}") from None
             return SD35IPAdapter(adapter, host.ManagedModule(adapter, device, name="IPAdapter"), path)
 
         ip = self._cache.get((file_key(path), dtype, str(device)), _load)
@@ -118,7 +122,10 @@ class SD35CLIPVisionLoader:
         dtype = resolve_weight_dtype(weight_dtype, device)
 
         def _load():
-            tower = load_siglip_vision(path, dtype, host.text_encoder_offload_device())
+            try:
+                tower = load_siglip_vision(path, dtype, host.text_encoder_offload_device())
+            except CheckpointError as e:
+                raise CheckpointError(f"{VISION_NODE}: {e}") from None
             return SD35ClipVision(tower, host.ManagedModule(tower, device, host.text_encoder_offload_device(),
                                                             name="SiglipVision"), path)
 

@@ -98,7 +98,7 @@ def test_chained_applications_stack_and_weight_zero_is_no_application(run_node, 
     assert (outs[0]["samples"] - outs[1]["samples"]).abs().max() > 1e-4
 
 
-def test_bad_input_names_the_node(run_node, ip_parts, tmp_path):
+def test_bad_input_names_the_node(run_node, ip_parts, ip_files, tmp_path):
     model, pos, neg, adapter, vision = ip_parts
     kw = dict(ip_adapter=adapter, clip_vision=vision, image=_picture(), weight=0.5)
     with pytest.raises(ValueError, match="SD3.5 Apply IP-Adapter: expected 0 <= start_percent <= end_percent"):
@@ -114,6 +114,12 @@ def test_bad_input_names_the_node(run_node, ip_parts, tmp_path):
                  **{**kw, "image": torch.zeros(8, 8, 3)})
     with pytest.raises(FileNotFoundError, match="ipadapter"):
         run_node("SD35IPAdapterLoader", ipadapter_name="missing.bin")
+    evil = tmp_path / "evil.bin"
+    torch.save({"image_proj": {}, "ip_adapter": {"x": print}}, evil)
+    with pytest.raises(ValueError, match="SD3.5 IP-Adapter Loader: .*evil.bin.*restricted unpickler"):
+        run_node("SD35IPAdapterLoader", ipadapter_name=str(evil))
+    with pytest.raises(ValueError, match=r"SD3.5 CLIP Vision Loader \(SigLIP\): .*a SigLIP vision tower"):
+        run_node("SD35CLIPVisionLoader", clip_name=os.path.join(ip_files, "checkpoints", LARGE))
 
 
 def test_comfy_model_gives_each_row_of_comfyuis_batches_its_tokens(pack):
