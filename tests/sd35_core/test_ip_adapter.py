@@ -192,3 +192,31 @@ def test_every_tensor_is_used_or_the_load_fails_naming_it(tmp_path):
     torch.save({"image_proj": {}, "wrong": {}}, tmp_path / "layout.bin")
     with pytest.raises(CheckpointError, match="layout.bin.*'image_proj' and 'ip_adapter'"):
         load_ip_adapter(tmp_path / "layout.bin")
+
+
+def test_the_release_layout_at_full_size():
+    """The InstantX release's key names and sizes (from the issue's list), built on the meta device: our modules
+    have exactly those keys, diffusers' converter accepts them, and the adapter fits SD3.5 Large."""
+    import re
+
+    release = IPAdapterConfig(embed_dim=1152, hidden=1280, output_dim=2432, depth=4, heads=20, num_queries=64,
+                              ffn_width=5120, timestep_dim=320, blocks=38, model_hidden=2432, head_dim=64)
+    with torch.device("meta"):
+        ip = IPAdapter(release)
+    shapes = {k: tuple(v.shape) for k, v in ip.state_dict().items()}
+    assert IPAdapterConfig.from_shapes(shapes) == release
+    release.check_fits(2432, 38, 38, 1152)  # SD3.5 Large, SigLIP so400m
+    layer = re.compile(r"image_proj\.layers\.\d\.(0\.(norm1|norm2|to_q|to_kv|to_out)|1\.[013]|2\.1)\.(weight|bias)")
+    block = re.compile(r"ip_adapter\.\d+\.(norm_ip\.linear\.(weight|bias)|(to_k_ip|to_v_ip|norm_q|norm_k|norm_ip_k)"
+                       r"\.weight)")
+    top = {"image_proj.latents", "image_proj.proj_in.weight", "image_proj.proj_in.bias", "image_proj.proj_out.weight",
+           "image_proj.proj_out.bias", "image_proj.norm_out.weight", "image_proj.norm_out.bias"} | {
+        f"image_proj.time_embedding.linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")}
+    assert all(k in top or layer.fullmatch(k) or block.fullmatch(k) for k in shapes), sorted(shapes)[:5]
+    assert shapes["image_proj.latents"] == (1, 64, 1280) and shapes["ip_adapter.37.to_k_ip.weight"] == (2432, 2432)
+    # diffusers' resampler at its defaults (the release sizes) has the same tensors under its converted names
+    with torch.device("meta"):
+        ref = IPAdapterTimeImageProjection()
+    ours = {_diffusers_name(k)[len("image_proj."):]: v for k, v in shapes.items() if k.startswith("image_proj.")}
+    assert ours == {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    print("release adapter parameters (M)", sum(p.numel() for p in ip.parameters()) / 1e6)

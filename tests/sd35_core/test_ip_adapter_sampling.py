@@ -231,3 +231,19 @@ def test_whole_passes_and_misfits_are_refused_by_name():
         _hint(start=0.8, end=0.2)
     with pytest.raises(ValueError, match="ip_adapters: expected IPAdapterHint"):
         _request(ip_adapters=["picture.png"])
+
+
+def test_half_precision_follows_float32():
+    """bf16 activations (as on GPUs): the adapter runs in the model's compute dtype, near the float32 result."""
+    import copy
+
+    m = copy.deepcopy(large())
+    pos, neg = cond(m, 1), cond(m, 2)
+    x, sigma = latent(1, seed=4), torch.tensor([0.8])
+    hints = [_hint()]
+    with torch.no_grad():
+        full = Guider(m, pos, neg, _request(ip_adapters=hints))(x, sigma, 0)
+        m.compute_dtype = torch.bfloat16
+        half = Guider(m, pos, neg, _request(ip_adapters=hints))(x, sigma, 0)
+    assert half.dtype == torch.float32 and torch.isfinite(half).all()
+    assert ((half - full).abs().max() / full.abs().max()).item() < 5e-2
