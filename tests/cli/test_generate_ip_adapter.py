@@ -131,3 +131,17 @@ def test_comfyui_engine_finds_the_apply_ip_adapter_image_and_weight():
     }
     targets = resolve_targets(api, ["ip_image", "ip_scale"])
     assert targets == {"ip_image": [Target("1", "image")], "ip_scale": [Target("2", "weight")]}
+
+
+def test_the_shipped_workflow_takes_the_ip_columns():
+    import os
+
+    from sd35_cli.batch.targets import resolve_targets
+    from tests.conftest import ROOT
+
+    with open(os.path.join(ROOT, "workflows", "api", "sd3.5_large_ip_adapter.json"), encoding="utf-8") as f:
+        api = json.load(f)
+    targets = resolve_targets(api, ["prompt", "ip_image", "ip_scale"])
+    (image,), (scale,) = targets["ip_image"], targets["ip_scale"]
+    assert api[image.node]["_meta"]["title"] == "Load style picture" and image.input == "image"
+    assert api[scale.node]["class_type"] == "SD35ApplyIPAdapter" and scale.input == "weight"
