@@ -16,6 +16,7 @@ import os
 import struct
 import warnings
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -221,10 +222,28 @@ def _target_dtype(stored: torch.dtype, name: str, policy: DTypePolicy, fp8_keys:
     return policy.storage
 
 
-def _safetensors_weight(file: SafetensorsFile, key: str, dtype: torch.dtype, device) -> torch.Tensor:
-    if dtype == file.dtype(key) and torch.device(device).type == "cpu":
-        return file.tensor(key)  # zero-copy view of the mapped file
-    return file.read_into(key, torch.empty(file.shape(key), dtype=dtype, device=device))
+def _is_view(file: SafetensorsFile, key: str, dtype: torch.dtype, device) -> bool:
+    """Whether tensor ``key`` loads as a zero-copy view of the mapped file (its dtype, on the CPU)."""
+    return dtype == file.dtype(key) and torch.device(device).type == "cpu"
+
+
+def _read_all(file: SafetensorsFile, reads: Mapping[str, tuple[str, torch.dtype]], device) -> dict[str, torch.Tensor]:
+    """``{name: tensor}`` for ``reads`` (``{name: (file key, dtype)}``), each read and converted into a new tensor.
+
+    Tensors are read on ``torch.get_num_threads()`` threads at once: a conversion's time goes mostly to faulting
+    in the source's and the new tensor's pages, which one thread does one page at a time whatever torch's own
+    parallelism (``copy_`` releases the GIL, and each read maps and unmaps its own bytes).
+    """
+
+    def read(item: tuple[str, tuple[str, torch.dtype]]) -> tuple[str, torch.Tensor]:
+        name, (key, dtype) = item
+        return name, file.read_into(key, torch.empty(file.shape(key), dtype=dtype, device=device))
+
+    workers = min(len(reads), max(1, torch.get_num_threads()))
+    if workers <= 1:
+        return dict(map(read, reads.items()))
+    with ThreadPoolExecutor(workers) as pool:
+        return dict(pool.map(read, reads.items()))
 
 
 def load_weights(
@@ -264,6 +283,7 @@ def load_weights(
                              f"scales '{name}', which {type(module).__name__} does not have as one")
     check_fp8_weights_have_scales(file, prefix, layout, file_keys, set(layers))
     state: dict[str, torch.Tensor] = {}
+    reads: dict[str, tuple[str, torch.dtype]] = {}  # conversions, done together below
     scales: dict[str, torch.Tensor] = {}
     optional = set(optional)
     for name, target in expected.items():
@@ -279,15 +299,21 @@ def load_weights(
         file.used.add(src)
         if dense:
             scale = layout.layers.get(name)
-            dtype = _target_dtype(file.dtype(src), name, policy, fp8_keys)
-            if scale is None:
-                state[name] = _safetensors_weight(file, src, dtype, device)
-            elif file.dtype(src) in FP8_DTYPES:  # stays fp8; the scale is applied where the weight is materialised
-                state[name] = _safetensors_weight(file, src, file.dtype(src), device)
-                scales[name] = read_scale(file, scale.weight_scale)
-            else:  # a scale beside a wide weight: fold it now, so LoRA merges and saves see the effective weight
+            stored = file.dtype(src)
+            if scale is not None and stored not in FP8_DTYPES:
+                # A scale beside a wide weight: folded now, so LoRA merges and saves see the effective weight.
                 wide = file.read_into(src, torch.empty(file.shape(src), dtype=torch.float32))
+                dtype = _target_dtype(stored, name, policy, fp8_keys)
                 state[name] = wide.mul_(read_scale(file, scale.weight_scale)).to(device=device, dtype=dtype)
+                continue
+            dtype = _target_dtype(stored, name, policy, fp8_keys)
+            if scale is not None:  # stays fp8; the scale is applied where the weight is materialised
+                dtype = stored
+                scales[name] = read_scale(file, scale.weight_scale)
+            if _is_view(file, src, dtype, device):
+                state[name] = file.tensor(src)  # zero-copy view of the mapped file
+            else:
+                reads[name] = (src, dtype)
             continue
         t = file.tensor(src)
         if isinstance(t, QuantizedTensor):
@@ -305,6 +331,8 @@ def load_weights(
                 dtype = policy.storage
             t = t.to(dtype=dtype)
         state[name] = t.to(device)
+    if reads:
+        state.update(_read_all(file, reads, device))
     for name in optional - state.keys():
         t = expected[name]
         if t.is_meta:
