@@ -1,8 +1,8 @@
 // Frontend extension for comfyui-sd35 (loaded through WEB_DIRECTORY).
 //
-// 1. SD35 Sampler gets a "preset" control: it fills steps, cfg, sampler, schedule, shift and the
+// 1. SD3.5 Sampler gets a "preset" control: it fills steps, cfg, sampler, schedule, shift and the
 //    skip-layer-guidance inputs with the recommended settings of a model variant. The table is the pack's
-//    Python table (sd35_core/defaults.py), served at GET /sd35/defaults; no copy of it lives here.
+//    Python table (sd35_core/sampling/defaults.py), served at GET /sd35/defaults; no copy of it lives here.
 // 2. A loader that reports what it detected (its "executed" output carries `sd35_info`) shows it on the node:
 //    variant, depth, weight dtype, which text encoders / VAE it holds.
 // 3. The sampler's slg_layers field is checked while typing against the depth of the model that feeds it;

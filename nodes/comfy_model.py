@@ -115,7 +115,7 @@ class ComfyMMDiT(nn.Module):
         """Velocity prediction, ComfyUI's way (``timesteps`` = sigma * 1000)."""
         if context is None or y is None:
             raise ValueError("SD3 diffusion model: expected both the text context and the pooled vector (y); "
-                             "use SD3 conditioning (SD35 Text Encode or CLIPTextEncodeSD3)")
+                             "use SD3 conditioning (SD3.5 Text Encode or CLIPTextEncodeSD3)")
         options = transformer_options or {}
         replace = options.get("patches_replace", {}).get("dit", {})
         model = self.mmdit

@@ -89,7 +89,7 @@ def to_entries(conditioning, name: str) -> tuple[list[CondEntry], list[ControlSp
         if pooled is None:
             raise ValueError(
                 f"{name}[{k}]: the conditioning has no pooled_output; SD3 models need conditioning from an SD3 "
-                "text encoder (SD35 Text Encode, or ComfyUI's CLIPTextEncodeSD3 / CLIP Text Encode with an SD3 "
+                "text encoder (SD3.5 Text Encode, or ComfyUI's CLIPTextEncodeSD3 / CLIP Text Encode with an SD3 "
                 "triple CLIP)"
             )
         check_options(options, f"{name}[{k}]")

@@ -79,7 +79,7 @@ def test_encode_for_inpaint_tiled_equals_the_tiled_plain_encode_of_the_greyed_im
     ],
 )
 def test_encode_for_inpaint_bad_masks_are_node_errors(run_node, vae, mask, message):
-    with pytest.raises(ValueError, match=r"SD3.5 VAE Encode \(for inpaint\): .*" + message):
+    with pytest.raises(ValueError, match=r"SD3.5 VAE Encode \(for Inpainting\): .*" + message):
         run_node("SD35VAEEncodeForInpaint", pixels=_image(b=2), vae=vae, mask=mask, grow_mask_by=6)
 
 
