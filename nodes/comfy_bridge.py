@@ -85,19 +85,25 @@ def _apply_skipped_patches(patcher, device_to, lowvram_model_memory, force_patch
 class SD35ModelPatcher(comfy.model_patcher.ModelPatcher):
     """ComfyUI's ModelPatcher, refusing weight patches it would apply wrongly to our layers.
 
-    A GGUF-quantized layer keeps raw block bytes under its official key; ComfyUI's LoRA arithmetic on those
-    bytes would not be the LoRA, so a patch that reaches one is an error naming the key.
+    A GGUF-quantized layer keeps raw block bytes under its official key, and a scaled-fp8 layer keeps fp8 values
+    whose per-tensor scale our ops multiply in at compute time: ComfyUI's LoRA arithmetic on either stored tensor
+    would not be the LoRA, so a patch that reaches one is an error naming the key and what to use instead.
     """
 
     def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
-        quantized = {f"diffusion_model.{name}.weight" for name, m in self.model.diffusion_model.named_modules()
-                     if getattr(m, "weight_quant", None) is not None}
+        kinds = {}
+        for name, m in self.model.diffusion_model.named_modules():
+            if getattr(m, "weight_quant", None) is not None:
+                kinds[f"diffusion_model.{name}.weight"] = "GGUF-quantized"
+            elif getattr(m, "weight_scale", None) is not None:
+                kinds[f"diffusion_model.{name}.weight"] = "scaled fp8"
         hit = sorted(k if isinstance(k, str) else k[0] for k in patches
-                     if (k if isinstance(k, str) else k[0]) in quantized)
+                     if (k if isinstance(k, str) else k[0]) in kinds)
         if hit:
-            raise ValueError(f"SD3.5 Model to ComfyUI MODEL: {len(hit)} patched weights are GGUF-quantized "
-                             f"(e.g. {hit[0]}); ComfyUI's weight patches cannot apply to quantized blocks; use a "
-                             "safetensors model for them")
+            raise ValueError(f"SD3.5 Model to ComfyUI MODEL: {len(hit)} patched weights are {kinds[hit[0]]} "
+                             f"(e.g. {hit[0]}); ComfyUI's weight patches cannot apply to them; put the LoRA on "
+                             "the model with SD3.5 LoRA Loader before this node (it applies at compute time), or "
+                             "load a plain safetensors model")
         return super().add_patches(patches, strength_patch, strength_model)
 
 

@@ -78,3 +78,29 @@ def test_a_scaled_fp8_checkpoint_gives_the_same_image_through_our_loader_and_com
         print(f"scaled fp8 parity, ours vs {other}: image {pixels} levels of 255")
         assert pixels <= 1, (other, pixels)
     assert latents["scaled_ours"].abs().max() > 0.1  # a real picture's latent, not an empty one
+
+
+def test_comfyuis_lora_on_our_bridged_scaled_model_is_refused_by_name(server):
+    # ComfyUI's LoRA arithmetic would add the update to the stored fp8 values, whose scale our ops apply at compute
+    # time: the result would not be the LoRA. SD3.5 LoRA Loader applies it correctly (test_scaled_fp8.py).
+    import torch
+
+    from sd35_core.loading.checkpoint import write_safetensors
+    from sd35_core.loading.tiny import kohya_lora_tensors, tiny_mmdit
+
+    mmdit = tiny_mmdit("sd3.5_large", 5, depth=COMFY_DEPTH, hidden=COMFY_WIDTH)
+    tensors = kohya_lora_tensors(mmdit, "lora_unet_", 2, torch.Generator().manual_seed(1))
+    write_safetensors(os.path.join(server.models.root, "loras", "scaled-lora.safetensors"), tensors)
+    g = Graph()
+    ours = [g.add("SD35CheckpointLoader", ckpt_name=SCALED, weight_dtype="fp32"), 0]
+    bridged = [g.add("SD35ToComfyModel", model=ours, shift=0.0), 0]
+    patched = [g.add("LoraLoaderModelOnly", model=bridged, lora_name="scaled-lora.safetensors",
+                     strength_model=0.8), 0]
+    pos, neg = text_nodes(g)
+    latent = [g.add("SD35EmptyLatent", width=48, height=48, batch_size=1), 0]
+    save(g, our_sampler(g, patched, pos, neg, latent, "euler"), "scaled_lora")
+    result = server.run(g)
+    error = result["error"]
+    assert error is not None, result
+    message = error["exception_message"]
+    assert "scaled fp8" in message and "SD3.5 LoRA Loader" in message, message
