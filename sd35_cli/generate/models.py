@@ -52,6 +52,18 @@ def _require_file(option: str, path: str) -> str:
     return path
 
 
+def _require_model(path: str) -> str:
+    """``--model``: a checkpoint file, or a diffusers model folder (``transformer/``, ``vae/``, ``text_encoder*/``)."""
+    from sd35_core.loading.diffusers_folder import is_model_folder
+
+    if os.path.isdir(path) and not is_model_folder(path):
+        raise UsageError(f"--model {path}: is a folder but no diffusers model folder (no transformer/ inside); "
+                         "expected a checkpoint file or a diffusers model folder")
+    if not os.path.exists(path):
+        raise UsageError(f"--model {path}: no such file")
+    return path
+
+
 def text_encoder_files(opts: GenerateOptions, bundled_roles: Sequence[str] = ()) -> dict[str, str | None]:
     """Where each text encoder comes from: a file path, ``"bundled"`` (inside ``--model``) or ``None`` (T5 off).
 
@@ -88,7 +100,7 @@ def inspect_model(path: str) -> tuple[Any, str]:
     a file that is no SD3/SD3.5 model raises the loader's CheckpointError saying what it is."""
     from sd35_core.loading.loader import inspect_diffusion_model
 
-    _require_file("model", path)
+    _require_model(path)
     return inspect_diffusion_model(path)
 
 
@@ -126,7 +138,7 @@ def load_models(
     from sd35_core.text.encoder import SD3TextEncoder
     from sd35_core.text.tokenization import SD3Tokenizer, find_tokenizer_files
 
-    _require_file("model", opts.model)
+    _require_model(opts.model)
     for option in ("vae", "controlnet_ckpt", "init_image", "controlnet_cond_image"):
         if getattr(opts, option) is not None:
             _require_file(option, getattr(opts, option))

@@ -260,6 +260,23 @@ def test_bundled_text_encoders_and_a_bare_model_with_separate_vae(capsys, gen_ar
     assert "pass --vae" in capsys.readouterr().err
 
 
+def test_a_diffusers_model_folder_runs_as_the_official_file_with_the_same_weights(capsys, gen_args, tmp_path,
+                                                                                  tiny_models):
+    from ..sd35_core.loading.test_diffusers_layout import write_transformer, write_vae
+
+    folder = tmp_path / "sd35-medium-diffusers"
+    write_transformer(folder / "transformer", "sd3.5_medium")
+    write_vae(folder / "vae")
+    run_json(capsys, gen_args("--prompt", "p", "--postfix", "_o", "--save_latent", str(tmp_path / "o.safetensors")))
+    ours, _ = run_json(capsys, gen_args("--prompt", "p", "--postfix", "_d", "--model", str(folder),
+                                        "--save_latent", str(tmp_path / "d.safetensors")))
+    assert ours["variant"] == "sd3.5_medium"
+    a, b = (load_file(tmp_path / f"{k}.safetensors")["latent"] for k in "od")
+    assert torch.equal(a, b)
+    assert main(gen_args("--prompt", "p", "--model", str(tmp_path))) == 1
+    assert "no diffusers model folder" in capsys.readouterr().err
+
+
 def test_a_gguf_model_runs_with_a_separate_vae_as_its_dequantized_weights_do(capsys, gen_args, tmp_path,
                                                                             tiny_models):
     from bench.gguf_write import dequantized_state, write_gguf
