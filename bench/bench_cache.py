@@ -1,7 +1,7 @@
 """The step cache's trade: model evaluations saved and time, against image quality versus the uncached run.
 
 Run from the repository root: ``python bench/bench_cache.py`` (options: --thresholds --steps --seeds --size
---sampler --slg --checkpoint). Prints one JSON object on stdout.
+--sampler --slg --checkpoint --conditioning). Prints one JSON object on stdout.
 
 For each seed the run is sampled once without the cache and once per threshold, from the same noise and
 conditioning; the latents are decoded with the checkpoint's VAE and each cached image is compared with the
@@ -13,7 +13,10 @@ Without ``--checkpoint`` the tiny SD3.5-Medium-shaped model of the test suite is
 seeded conditioning): its first block changes far more from step to step than a trained model's, so its
 useful thresholds are larger (0.3-0.8 against 0.05-0.2), and its "images" are noise, so SSIM measures
 closeness to the uncached noise, a stricter test than on smooth images. A trained checkpoint with a VAE can
-be passed instead (its conditioning is still seeded random vectors unless it is conditioned by the caller).
+be passed instead. When it bundles its text encoders and its tokenizers are found (the tiny shapes model),
+seed ``i`` is conditioned on a real prompt, held-out prompt ``i`` of ``sd35 eval-tiny``, against the empty
+negative prompt, and the image size defaults to the model's 64 px; otherwise the conditioning is seeded
+random vectors (``--conditioning random`` asks for the vectors in every case).
 """
 
 from __future__ import annotations
@@ -45,12 +48,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--thresholds", default="0.3,0.5,0.6,0.8", help="comma separated, each > 0")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--size", type=int, default=256, help="image side in pixels")
+    p.add_argument("--size", type=int, default=None,
+                   help="image side in pixels (default: 64 for a checkpoint with its text encoders, else 256)")
     p.add_argument("--sampler", default="dpmpp_2m")
     p.add_argument("--cfg", type=float, default=5.0)
     p.add_argument("--shift", type=float, default=3.0)
     p.add_argument("--slg", action="store_true", help="skip-layer guidance on its reference window (scaled layers)")
     p.add_argument("--checkpoint", default=None, help="a checkpoint with a VAE (default: the tiny random model)")
+    p.add_argument("--conditioning", choices=("auto", "random"), default="auto",
+                   help="auto: held-out prompts through the checkpoint's own text encoders when it bundles them, "
+                        "else seeded random vectors; random: always the vectors")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     args.threshold_list = [float(t) for t in args.thresholds.split(",") if t.strip()]
@@ -94,6 +101,31 @@ def _conditioning(config, seed: int) -> tuple[CondEntry, CondEntry]:
     return one(), one()
 
 
+def _prompt_conditioning(parts, path: str):
+    """``seed -> (positive, negative)`` from the checkpoint's own text encoders and held-out prompts, or
+    ``None`` when it has no text encoders or no tokenizers are found for it."""
+    if parts.text_encoders is None:
+        return None
+    from sd35_core.text.encoder import SD3TextEncoder
+    from sd35_core.text.tokenization import SD3Tokenizer, find_tokenizer_files
+    from sd35_train.data import spec_for
+    from sd35_train.evaluate import EVAL_SPLIT
+
+    try:
+        tokenizer = SD3Tokenizer.from_files(*find_tokenizer_files(model_path=path))
+    except (FileNotFoundError, ValueError):
+        return None
+    te = parts.text_encoders
+    text = SD3TextEncoder(te.clip_l, te.clip_g, te.t5, tokenizer)
+    negative = CondEntry(*text.encode(""))
+
+    def conditioning(seed: int) -> tuple[CondEntry, CondEntry, str]:
+        prompt = spec_for(EVAL_SPLIT, seed).caption()
+        return CondEntry(*text.encode(prompt)), negative, prompt
+
+    return conditioning
+
+
 def _load(args, tmp: str):
     path = args.checkpoint
     if path is None:
@@ -118,13 +150,21 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="sd35_bench_cache_") as tmp:
         parts, path = _load(args, tmp)
         model, vae, config = parts.model.mmdit, parts.vae, parts.model.config
+        prompted = _prompt_conditioning(parts, path) if args.conditioning == "auto" else None
+        if args.size is None:
+            args.size = 64 if prompted else 256
+        prompts = []
         slg = None
         if args.slg:
             layers = tuple(sorted({min(config.depth - 1, round(i * config.depth / 24)) for i in (7, 8, 9)}))
             slg = SkipLayerGuidance(layers=layers)
         rows: dict[float, list[dict]] = {t: [] for t in [0.0, *args.threshold_list]}
         for seed in range(args.seeds):
-            pos, neg = _conditioning(config, seed)
+            if prompted:
+                pos, neg, prompt = prompted(seed)
+                prompts.append(prompt)
+            else:
+                pos, neg = _conditioning(config, seed)
             reference = None
             for threshold in rows:
                 request = SampleRequest(steps=args.steps, cfg=args.cfg, sampler=args.sampler, shift=args.shift,
@@ -167,6 +207,8 @@ def main(argv=None) -> int:
         "shape": {"hidden": config.hidden_size, "depth": config.depth, "image": [args.size, args.size]},
         "steps": args.steps, "sampler": args.sampler, "cfg": args.cfg, "shift": args.shift,
         "slg": None if slg is None else list(slg.layers), "seeds": args.seeds,
+        "conditioning": "held-out prompts of sd35 eval-tiny, empty negative" if prompted else "seeded random vectors",
+        "prompts": prompts,
         "uncached_seconds": round(base_seconds, 3),
         "thresholds": table,
         "torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -2,7 +2,8 @@
 
 Renders held-out seeded prompts (``a {color} {shape} on the {position} of a {background} background``) at
 several settings, reads colour, shape and position back from each image by simple image analysis
-(:mod:`sd35_train.analysis`) and prints the accuracy per attribute for every setting.
+(:mod:`sd35_train.analysis`) and prints the accuracy per attribute for every setting. The shape is also read
+by an independent reader (``shape_fill``: the shape's area over its bounding box's, :mod:`sd35_train.recon`).
 """
 
 from __future__ import annotations
@@ -87,5 +88,6 @@ def run(args: argparse.Namespace) -> int:
     for r in rows:
         a = r["accuracy"]
         print(f"{r['name']:>20}: colour {a['color']:.0%}  shape {a['shape']:.0%}  position {a['position']:.0%}  "
-              f"background {a['background']:.0%}  all {a['all']:.0%}  ({r['seconds']:.0f} s)", file=sys.stderr)
+              f"background {a['background']:.0%}  all {a['all']:.0%}  shape by fill ratio {a['shape_fill']:.0%}  "
+              f"({r['seconds']:.0f} s)", file=sys.stderr)
     return 0

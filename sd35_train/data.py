@@ -108,24 +108,37 @@ def spec_for(split_seed: int, index: int) -> ShapeSpec:
     return random_spec(random.Random(f"shapes/{split_seed}/{index}"))
 
 
+def _draw(draw: ImageDraw.ImageDraw, spec: ShapeSpec, fill) -> None:
+    """Draw ``spec``'s shape at :data:`SUPERSAMPLE` times the picture's size."""
+    s = IMAGE_SIZE * SUPERSAMPLE
+    cx, cy = (v * SUPERSAMPLE for v in spec.centre)
+    r = spec.half_size * s
+    if spec.shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif spec.shape == "square":
+        # As wide as the circle: its corners, a fifth of its area, are all that tells the two apart
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif spec.shape == "triangle":
+        # Upright isosceles triangle with its bounding box centred on the centre.
+        draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
+    else:
+        raise ValueError(f"shape: expected one of {', '.join(SHAPES)}; got {spec.shape!r}")
+
+
 def render(spec: ShapeSpec) -> np.ndarray:
     """The picture of ``spec`` as ``uint8 [64, 64, 3]``."""
     s = IMAGE_SIZE * SUPERSAMPLE
     img = Image.new("RGB", (s, s), spec.background_rgb)
-    draw = ImageDraw.Draw(img)
-    cx, cy = (v * SUPERSAMPLE for v in spec.centre)
-    r = spec.half_size * s
-    if spec.shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=spec.color_rgb)
-    elif spec.shape == "square":
-        # As wide as the circle: its corners, a fifth of its area, are all that tells the two apart
-        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=spec.color_rgb)
-    elif spec.shape == "triangle":
-        # Upright isosceles triangle with its bounding box centred on the centre.
-        draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=spec.color_rgb)
-    else:
-        raise ValueError(f"shape: expected one of {', '.join(SHAPES)}; got {spec.shape!r}")
+    _draw(ImageDraw.Draw(img), spec, spec.color_rgb)
     return np.asarray(img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX), dtype=np.uint8)
+
+
+def render_mask(spec: ShapeSpec) -> np.ndarray:
+    """Where :func:`render` puts the shape: ``bool [64, 64]``, pixels at least half covered."""
+    s = IMAGE_SIZE * SUPERSAMPLE
+    img = Image.new("L", (s, s), 0)
+    _draw(ImageDraw.Draw(img), spec, 255)
+    return np.asarray(img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX), dtype=np.uint8) >= 128
 
 
 def all_captions() -> list[str]:

@@ -7,7 +7,10 @@
   the VAE's latent preview map in its metadata;
 * ``tiny_shapes_controlnet_canny.safetensors``: the ControlNet in Stability's release layout;
 * ``tokenizers/clip`` and ``tokenizers/t5``: the tokenizer files the bundled encoders were made for;
-* ``training_log.json``: the loss curves, the config and the seconds each stage took.
+* ``training_log.json``: the loss curves, the config, the seconds each stage took and the VAE's
+  reconstruction check (:mod:`.recon`: held-out pictures through encode and decode, read back by fill ratio
+  and compared with the renderer's mask; the run stops with :class:`ReconstructionError` when fewer than
+  ``recon_min_class_kept`` keep their shape class).
 
 Each stage keeps its state under ``work`` (every ``checkpoint_every`` steps and when done), so a killed
 run started again with the same arguments resumes and ends with the same files. The thread count is fixed
@@ -36,6 +39,7 @@ from .controlnet_train import control_latents, train_controlnet
 from .data import render, spec_for
 from .flow import FlowData, new_mmdit, train_mmdit
 from .preview import fit_latent_preview
+from .recon import reconstruction_check
 from .text import (
     STORAGE_DTYPE,
     build_text_encoders,
@@ -63,6 +67,24 @@ def training_images(cfg: RecipeConfig) -> tuple[torch.Tensor, list]:
 def _load_into(module: torch.nn.Module, path: str) -> torch.nn.Module:
     module.load_state_dict(load_file(path))
     return module
+
+
+class ReconstructionError(RuntimeError):
+    """The VAE does not keep enough held-out shapes through encode and decode."""
+
+
+def check_reconstruction(vae, cfg: RecipeConfig) -> dict:
+    """:func:`~.recon.reconstruction_check` on ``cfg.recon_images`` held-out pictures; raises
+    :class:`ReconstructionError` when fewer than ``cfg.recon_min_class_kept`` of them keep their class."""
+    result = reconstruction_check(vae, cfg.recon_images)
+    log.info("VAE reconstruction: class kept %.1f %%, mean IoU %.3f (min %.3f) on %d held-out pictures",
+             100 * result["class_kept"], result["mean_iou"], result["min_iou"], result["images"])
+    if result["class_kept"] < cfg.recon_min_class_kept:
+        raise ReconstructionError(
+            f"VAE reconstruction: {result['class_kept']:.1%} of {result['images']} held-out pictures keep their "
+            f"shape class through encode and decode; the recipe needs {cfg.recon_min_class_kept:.0%} "
+            f"(mean IoU {result['mean_iou']:.3f}; per kind {result['class_kept_per_kind']})")
+    return result
 
 
 def run_recipe(out: str, work: str, cfg: RecipeConfig | None = None) -> dict:
@@ -101,6 +123,11 @@ def run_recipe(out: str, work: str, cfg: RecipeConfig | None = None) -> dict:
         vae_losses = state.losses
         json.dump({"losses": vae_losses, "latent_scale": scale}, open(vae_path + ".json", "w"))
     seconds["vae"] = time.perf_counter() - t
+
+    # Stage 1b: the VAE alone must give the shapes back (a shape it cannot decode, no later stage can draw).
+    t = time.perf_counter()
+    reconstruction = check_reconstruction(vae, cfg)
+    seconds["vae_check"] = time.perf_counter() - t
 
     t = time.perf_counter()
     latents_path = os.path.join(work, "latents.safetensors")
@@ -159,7 +186,7 @@ def run_recipe(out: str, work: str, cfg: RecipeConfig | None = None) -> dict:
     seconds["controlnet"] = time.perf_counter() - t
 
     result = {"config": dataclasses.asdict(cfg), "seconds": {k: round(v, 1) for k, v in seconds.items()},
-              "vae_config": dataclasses.asdict(VAE_CONFIG),
+              "vae_config": dataclasses.asdict(VAE_CONFIG), "vae_reconstruction": reconstruction,
               "losses": {"vae": vae_losses, "mmdit": flow_losses, "controlnet": cn_state.losses}}
     with open(os.path.join(out, LOG_NAME), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)

@@ -15,9 +15,9 @@ def test_eval_tiny_scores_the_bundled_model_per_attribute(capsys):
     assert names[:2] == ["default", "cfg 1"] and "default + SLG" in names
     for row in result["rows"]:
         acc = row["accuracy"]
-        assert set(acc) == {"color", "shape", "position", "background", "all"}
+        assert set(acc) == {"color", "shape", "position", "background", "all", "shape_fill"}
         assert all(0.0 <= v <= 1.0 and v * 4 == round(v * 4) for v in acc.values())
-    assert result["rows"][1]["cfg"] == 1.0 and "colour" in captured.err
+    assert result["rows"][1]["cfg"] == 1.0 and "colour" in captured.err and "shape by fill ratio" in captured.err
 
 
 def test_eval_tiny_rejects_a_bad_step_list(capsys):
