@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from PIL import Image, ImageDraw
 
 PANEL_W, PANEL_H, MARGIN = 360, 260, 46
-TITLES = {"vae": "VAE (L1 + L2 + KL)", "mmdit": "MMDiT-X (rectified flow)",
+TITLES = {"vae": "VAE (shape-weighted L1 + L2 + KL)", "mmdit": "MMDiT-X (rectified flow)",
           "controlnet": "ControlNet (flow, base frozen)"}
 
 
